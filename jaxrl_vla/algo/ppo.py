@@ -1,0 +1,270 @@
+"""PPO as pure, jittable functions over pytrees.
+
+    compute_gae          reverse lax.scan over [T, N] with terminated/truncated apart
+    gae_from_transitions GAE for a rollout of `Transition`s (truncation bootstrapped)
+    ppo_loss             clipped surrogate + (optionally clipped) value loss - entropy
+    make_optimizer       optax chain: global-norm clip, Adam, learning-rate schedule
+    update               n_epochs x shuffled minibatches as nested scans; target_kl
+                         masks the remaining updates (a scan cannot break)
+
+Hyper-parameters that only enter arithmetic (gamma, clip_coef, ...) are traced
+pytree leaves of `PPOConfig`, so they can be vmapped or changed without
+recompiling; those that fix shapes or control flow are static.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from jaxrl_vla.types import Batch, Transition
+
+ApplyFn = Callable[[Any, Any], tuple[Any, jax.Array]]
+
+
+@struct.dataclass
+class PPOConfig:
+    """PPO hyper-parameters (the seed's `algorithm.cfg`). Units in the README."""
+
+    learning_rate: float = struct.field(pytree_node=False, default=3e-4)
+    lr_schedule: str = struct.field(pytree_node=False, default="constant")
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    n_epochs: int = struct.field(pytree_node=False, default=10)
+    batch_size: int = struct.field(pytree_node=False, default=64)
+    clip_coef: float = 0.2
+    vf_clip_coef: float | None = struct.field(pytree_node=False, default=None)
+    ent_coef: float = 0.0
+    vf_coef: float = 0.5
+    max_grad_norm: float = struct.field(pytree_node=False, default=0.5)
+    target_kl: float | None = struct.field(pytree_node=False, default=None)
+    normalize_advantage: bool = struct.field(pytree_node=False, default=True)
+
+    def num_minibatches(self, num_samples: int) -> int:
+        if num_samples < self.batch_size:
+            raise ValueError(
+                f"algorithm.cfg.batch_size ({self.batch_size}) is larger than the "
+                f"{num_samples} samples one iteration collects"
+            )
+        return num_samples // self.batch_size
+
+
+# --------------------------------------------------------------------------- GAE
+
+
+def compute_gae(
+    rewards: jax.Array,
+    values: jax.Array,
+    next_values: jax.Array,
+    terminated: jax.Array,
+    dones: jax.Array,
+    gamma: float | jax.Array,
+    gae_lambda: float | jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """Generalised advantage estimation over [T, N] arrays.
+
+    next_values[t] is V of the true successor of step t (for a truncated step the
+    final observation, not the auto-reset one). `terminated` removes that
+    bootstrap; `dones` (terminated or truncated) stops the advantage from
+    flowing across an episode boundary. Returns (advantages, returns).
+    """
+    not_terminated = 1.0 - terminated.astype(values.dtype)
+    deltas = rewards + gamma * not_terminated * next_values - values
+    discounts = gamma * gae_lambda * (1.0 - dones.astype(values.dtype))
+
+    def backward(next_advantage: jax.Array, step: tuple[jax.Array, jax.Array]):
+        delta, discount = step
+        advantage = delta + discount * next_advantage
+        return advantage, advantage
+
+    _, advantages = jax.lax.scan(backward, jnp.zeros_like(values[0]), (deltas, discounts), reverse=True)
+    return advantages, advantages + values
+
+
+def gae_from_transitions(
+    rollout: Transition, last_value: jax.Array, gamma: float | jax.Array, gae_lambda: float | jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """GAE for a time-ordered rollout [T, N]; `last_value` is V(obs after step T-1)."""
+    next_values = jnp.concatenate([rollout.value[1:], last_value[None]], axis=0)
+    next_values = jnp.where(rollout.truncated, rollout.final_value, next_values)
+    dones = jnp.logical_or(rollout.terminated, rollout.truncated)
+    return compute_gae(rollout.reward, rollout.value, next_values, rollout.terminated, dones, gamma, gae_lambda)
+
+
+def make_batch(rollout: Transition, advantages: jax.Array, returns: jax.Array) -> Batch:
+    """Flatten [T, N, ...] rollout fields into [T*N, ...] training samples."""
+
+    def flat(x: jax.Array) -> jax.Array:
+        return x.reshape((-1,) + x.shape[2:])
+
+    return Batch(
+        obs=jax.tree_util.tree_map(flat, rollout.obs),
+        action=flat(rollout.action),
+        log_prob=flat(rollout.log_prob),
+        value=flat(rollout.value),
+        advantage=flat(advantages),
+        returns=flat(returns),
+        chunk_index=flat(rollout.chunk_index),
+    )
+
+
+# --------------------------------------------------------------------------- loss
+
+
+def select_chunk_step(x: jax.Array, chunk_index: jax.Array) -> jax.Array:
+    """Pick each sample's executed chunk step from [B, H] -> [B]."""
+    return jnp.take_along_axis(x, chunk_index[:, None].astype(jnp.int32), axis=1)[:, 0]
+
+
+def score_actions(apply_fn: ApplyFn, params: Any, obs: Any, action: jax.Array, chunk_index: jax.Array):
+    """(log_prob, entropy, value) of the executed actions, each [B].
+
+    A policy without chunks returns value [B]. A chunking policy returns value
+    [B, H] and a distribution with batch shape [B, H] (one value and one action
+    distribution per chunk step, all computed from the chunk's first
+    observation); the executed step `chunk_index` is scored.
+    """
+    dist, value = apply_fn(params, obs)
+    if value.ndim == 1:
+        return dist.log_prob(action), dist.entropy(), value
+    tiled = jnp.broadcast_to(action[:, None], (action.shape[0], value.shape[1]) + action.shape[1:])
+    pick = lambda x: select_chunk_step(x, chunk_index)  # noqa: E731
+    return pick(dist.log_prob(tiled)), pick(dist.entropy()), pick(value)
+
+
+def ppo_loss(params: Any, apply_fn: ApplyFn, batch: Batch, cfg: PPOConfig) -> tuple[jax.Array, dict]:
+    """PPO's clipped objective on one minibatch; returns (loss, metrics)."""
+    log_prob, entropy, value = score_actions(apply_fn, params, batch.obs, batch.action, batch.chunk_index)
+    advantage = batch.advantage
+    if cfg.normalize_advantage:
+        advantage = (advantage - advantage.mean()) / (advantage.std() + 1e-8)
+
+    log_ratio = log_prob - batch.log_prob
+    ratio = jnp.exp(log_ratio)
+    surrogate = jnp.minimum(ratio * advantage, jnp.clip(ratio, 1.0 - cfg.clip_coef, 1.0 + cfg.clip_coef) * advantage)
+    policy_loss = -surrogate.mean()
+
+    value_error = jnp.square(value - batch.returns)
+    if cfg.vf_clip_coef is not None:
+        clipped = batch.value + jnp.clip(value - batch.value, -cfg.vf_clip_coef, cfg.vf_clip_coef)
+        value_error = jnp.maximum(value_error, jnp.square(clipped - batch.returns))
+    value_loss = 0.5 * value_error.mean()
+
+    entropy_mean = entropy.mean()
+    loss = policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * entropy_mean
+    metrics = {
+        "loss/total": loss,
+        "loss/policy": policy_loss,
+        "loss/value": value_loss,
+        "loss/entropy": entropy_mean,
+        # the low-variance estimator k3 = (r - 1) - log r (Schulman), as SB3/CleanRL report
+        "approx_kl": jnp.mean((ratio - 1.0) - log_ratio),
+        "clip_fraction": jnp.mean((jnp.abs(ratio - 1.0) > cfg.clip_coef).astype(jnp.float32)),
+    }
+    return loss, metrics
+
+
+def explained_variance(predicted: jax.Array, target: jax.Array) -> jax.Array:
+    """1 - Var[target - predicted] / Var[target] (NaN-free: 0 when Var[target] = 0)."""
+    var_target = jnp.var(target)
+    return jnp.where(var_target > 0, 1.0 - jnp.var(target - predicted) / jnp.where(var_target > 0, var_target, 1.0), 0.0)
+
+
+# --------------------------------------------------------------------------- optimiser
+
+
+def learning_rate_schedule(cfg: PPOConfig, total_gradient_steps: int) -> optax.Schedule:
+    """constant | linear (to 0, as SB3/CleanRL anneal) | cosine (to 0)."""
+    steps = max(int(total_gradient_steps), 1)
+    if cfg.lr_schedule == "constant":
+        return optax.constant_schedule(cfg.learning_rate)
+    if cfg.lr_schedule == "linear":
+        return optax.linear_schedule(cfg.learning_rate, 0.0, steps)
+    if cfg.lr_schedule == "cosine":
+        return optax.cosine_decay_schedule(cfg.learning_rate, steps)
+    raise ValueError(f"algorithm.cfg.lr_schedule must be constant, linear or cosine, got {cfg.lr_schedule!r}")
+
+
+def make_optimizer(cfg: PPOConfig, total_gradient_steps: int, trainable_mask: Any = None) -> optax.GradientTransformation:
+    """Global-norm clipping, then Adam with the schedule.
+
+    `trainable_mask` (a pytree of bools shaped like the params) freezes the
+    False leaves: their updates are exactly zero, so frozen weights stay
+    bit-identical and carry no Adam moments.
+    """
+    tx = optax.chain(
+        optax.clip_by_global_norm(cfg.max_grad_norm),
+        optax.adam(learning_rate_schedule(cfg, total_gradient_steps), eps=1e-5),
+    )
+    if trainable_mask is None:
+        return tx
+    labels = jax.tree_util.tree_map(lambda t: "train" if t else "freeze", trainable_mask)
+    return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+
+
+# --------------------------------------------------------------------------- update
+
+
+class UpdateState(NamedTuple):
+    params: Any
+    opt_state: Any
+
+
+def update(
+    params: Any,
+    opt_state: Any,
+    batch: Batch,
+    key: jax.Array,
+    *,
+    apply_fn: ApplyFn,
+    optimizer: optax.GradientTransformation,
+    cfg: PPOConfig,
+) -> tuple[Any, Any, dict]:
+    """n_epochs passes of shuffled minibatch SGD over `batch`; pure and jittable.
+
+    With `target_kl`, a minibatch whose approx_kl exceeds 1.5 x target_kl (SB3's
+    rule) and every update after it in this call are masked out: parameters and
+    optimiser state are carried through unchanged. Returned metrics average the
+    updates that were applied.
+    """
+    num_samples = batch.advantage.shape[0]
+    num_minibatches = cfg.num_minibatches(num_samples)
+    used = num_minibatches * cfg.batch_size
+    grad_fn = jax.value_and_grad(ppo_loss, has_aux=True)
+
+    def minibatch_step(carry, minibatch: Batch):
+        state, stopped = carry
+        (_, metrics), grads = grad_fn(state.params, apply_fn, minibatch, cfg)
+        if cfg.target_kl is not None:
+            stopped = jnp.logical_or(stopped, metrics["approx_kl"] > 1.5 * cfg.target_kl)
+        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        keep_old = lambda new, old: jnp.where(stopped, old, new)  # noqa: E731
+        new_state = UpdateState(
+            jax.tree_util.tree_map(keep_old, new_params, state.params),
+            jax.tree_util.tree_map(keep_old, new_opt_state, state.opt_state),
+        )
+        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["applied"] = 1.0 - stopped.astype(jnp.float32)
+        return (new_state, stopped), metrics
+
+    def epoch(carry, epoch_key: jax.Array):
+        order = jax.random.permutation(epoch_key, num_samples)[:used]
+        shuffled = jax.tree_util.tree_map(
+            lambda x: jnp.take(x, order, axis=0).reshape((num_minibatches, cfg.batch_size) + x.shape[1:]), batch
+        )
+        return jax.lax.scan(minibatch_step, carry, shuffled)
+
+    init = (UpdateState(params, opt_state), jnp.asarray(False))
+    (final, stopped), metrics = jax.lax.scan(epoch, init, jax.random.split(key, cfg.n_epochs))
+    applied = metrics.pop("applied")
+    weight = applied / jnp.maximum(applied.sum(), 1.0)
+    summary = {k: jnp.sum(v * weight) for k, v in metrics.items()}
+    summary["updates_applied"] = applied.sum()
+    summary["early_stopped"] = stopped.astype(jnp.float32)
+    summary["explained_variance"] = explained_variance(batch.value, batch.returns)
+    return final.params, final.opt_state, summary

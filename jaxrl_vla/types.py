@@ -1,0 +1,54 @@
+"""Pytree records that flow between collection, buffers and the learner."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from flax import struct
+
+PyTree = Any
+
+
+@struct.dataclass
+class Transition:
+    """One env step of N envs (leaves [N, ...]), or a stack of them ([T, N, ...]).
+
+    obs           the observation the executed action was computed from. For action
+                  chunks this is the observation at the chunk's start: the policy
+                  factorises over chunk steps, so (obs, chunk_index) is what the
+                  PPO loss re-scores.
+    action        the executed action (one step of a chunk).
+    log_prob      log pi_old(action | obs) at acting time (PPO's old log-prob).
+    value         V(obs) at acting time (for a chunk, the value of this chunk step).
+    reward        reward of this step.
+    terminated    true end of the episode: no bootstrap.
+    truncated     cut by a time limit: bootstrap from `final_value`.
+    final_value   V(final observation) where truncated, else 0.
+    chunk_index   index of `action` within its chunk (0 without chunks).
+    policy_version  version of the parameters that acted (async staleness).
+    """
+
+    obs: PyTree
+    action: jax.Array
+    log_prob: jax.Array
+    value: jax.Array
+    reward: jax.Array
+    terminated: jax.Array
+    truncated: jax.Array
+    final_value: jax.Array
+    chunk_index: jax.Array
+    policy_version: jax.Array
+
+
+@struct.dataclass
+class Batch:
+    """Flattened training samples [B, ...] for the PPO update."""
+
+    obs: PyTree
+    action: jax.Array
+    log_prob: jax.Array
+    value: jax.Array
+    advantage: jax.Array
+    returns: jax.Array
+    chunk_index: jax.Array
