@@ -1,0 +1,1 @@
+"""Training: acting, rollouts, the learner step, the Trainer and its outputs."""

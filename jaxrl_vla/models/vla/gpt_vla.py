@@ -1,0 +1,264 @@
+"""GPTVLAModel: a small vision-language-action policy (ResNet + GPT-2) in Flax.
+
+Architecture (identical to the torch twin `bridge.vla_models.GPTVLAModel`,
+whose weights `bridge.load_vla_model` converts into this module):
+
+    rgb uint8 [B,H,W,3] -> /255 -> ResNet -> pooled [B,C] -> image_proj -> token 0
+    proprio [B,P]                          -> proprio_proj -> token 1   (if proprio_dim > 0)
+    language ids [B,L] -> GPT-2 wte                          -> tokens 2..L+1
+    [img, proprio, lang...] + positions -> GPT-2 blocks (causal, padding masked) -> ln_f
+    hidden state at the last valid token -> action_mean (Dense, [B,A] or [B,H,A]) + log_std param
+                                         -> value_fc -> tanh -> value_out -> [B,1]
+
+Design choices, and why:
+- The readout is the *last valid* token: with causal attention it is the only
+  position that has seen the image, the proprio state and the whole
+  instruction. It is found from the mask, so left or right padding both work.
+- The prefix tokens are always valid, so no query row is ever fully masked
+  (such rows are implementation-defined in torch; see gpt2.py).
+- Depth is ignored unless `use_depth=True`, in which case it is appended as a
+  4th input channel of the ResNet stem. Off by default because a ResNet
+  pretrained on RGB has a 3-channel stem whose weights would not load into a
+  4-channel one.
+- rgb is only scaled to [0, 1] (no ImageNet mean/std): normalisation, if any,
+  is learned by the VLA end to end, and both twins must see the same input.
+- BatchNorm in the ResNet is frozen in inference mode (see resnet.py).
+- The action log-std is a learned, state-independent vector [action_dim]
+  shared by every step of a chunk, as in the seed's Gaussian heads.
+
+Obs format (a flat dict, batch axis first): "rgb" uint8 [B,H,W,3], optional
+"depth" float32 [B,H,W,1], "proprio" float32 [B,P], "language" int32 [B,L],
+"language_mask" bool [B,L] (True = real token; all True if absent; if
+"language" is absent the sequence is just the prefix tokens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from jaxrl_vla.models.distributions import DiagGaussian
+from jaxrl_vla.models.vla.gpt2 import GPT2_PRESETS, GPT2Config, GPT2Model, gpt2_config
+from jaxrl_vla.models.vla.resnet import RESNET_PRESETS, ResNetConfig, ResNetModel, resnet_config
+
+
+class VLAConfigError(ValueError):
+    """A model_config that does not describe a GPTVLAModel (unknown key, bad value)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VLAModelConfig:
+    """Everything that shapes GPTVLAModel; shared verbatim by the Flax and torch twins.
+
+    `vision_encoder` and `language_model` pick presets; the `vision_*` and
+    `n_layer`/`n_embd`/`n_head`/`n_positions` fields override them (None keeps
+    the preset), which is how tests build tiny models. The freeze flags are
+    carried for the seed's config format; the torch twin applies them with
+    `requires_grad_`, and on the JAX side the optimiser setup reads them.
+    """
+
+    vision_encoder: str = "resnet18"  # "resnet18" | "resnet34" | "resnet50" | "tiny"
+    vision_embedding_size: int | None = None
+    vision_hidden_sizes: tuple[int, ...] | None = None
+    vision_depths: tuple[int, ...] | None = None
+    vision_layer_type: str | None = None  # "basic" | "bottleneck"
+    downsample_in_first_stage: bool | None = None
+    downsample_in_bottleneck: bool | None = None
+    language_model: str = "gpt2"  # "gpt2" | "gpt2-medium" | "tiny"
+    n_layer: int | None = None
+    n_embd: int | None = None
+    n_head: int | None = None
+    n_positions: int | None = None
+    vocab_size: int = 50257
+    max_instruction_length: int = 32
+    action_dim: int = 7
+    action_chunk: int = 1
+    proprio_dim: int = 8
+    image_size: int = 224
+    use_depth: bool = False
+    value_hidden_dim: int = 256
+    init_log_std: float = 0.0
+    freeze_vision_encoder: bool = False
+    freeze_language_model: bool = False
+
+    def __post_init__(self) -> None:
+        if self.vision_encoder not in RESNET_PRESETS:
+            raise VLAConfigError(f"vision_encoder must be one of {sorted(RESNET_PRESETS)}, got {self.vision_encoder!r}")
+        if self.language_model not in GPT2_PRESETS:
+            raise VLAConfigError(f"language_model must be one of {sorted(GPT2_PRESETS)}, got {self.language_model!r}")
+        for name in ("action_dim", "action_chunk", "max_instruction_length", "image_size", "value_hidden_dim"):
+            if getattr(self, name) < 1:
+                raise VLAConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.proprio_dim < 0:
+            raise VLAConfigError(f"proprio_dim must be >= 0, got {self.proprio_dim}")
+        needed = self.num_prefix_tokens + self.max_instruction_length
+        if self.gpt2_config().n_positions < needed:
+            raise VLAConfigError(
+                f"n_positions={self.gpt2_config().n_positions} is shorter than the sequence "
+                f"({self.num_prefix_tokens} prefix tokens + max_instruction_length={self.max_instruction_length})"
+            )
+
+    @classmethod
+    def from_dict(cls, model_config: Mapping[str, Any] | "VLAModelConfig" | None = None, **overrides: Any) -> "VLAModelConfig":
+        """Build from the seed's `vla_config.model_config` dict; unknown keys are an error, not ignored."""
+        if isinstance(model_config, VLAModelConfig):
+            model_config = model_config.to_dict()
+        merged = {**dict(model_config or {}), **overrides}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(merged) - known)
+        if unknown:
+            raise VLAConfigError(f"unknown GPTVLAModel config key(s) {unknown}; valid keys are {sorted(known)}")
+        merged = {k: (tuple(v) if isinstance(v, list) else v) for k, v in merged.items()}
+        return cls(**merged)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly dict that `from_dict` turns back into this config."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+    def resnet_config(self) -> ResNetConfig:
+        """The vision encoder's config: the preset with this config's overrides applied."""
+        return resnet_config(
+            self.vision_encoder,
+            num_channels=4 if self.use_depth else 3,
+            embedding_size=self.vision_embedding_size,
+            hidden_sizes=self.vision_hidden_sizes,
+            depths=self.vision_depths,
+            layer_type=self.vision_layer_type,
+            downsample_in_first_stage=self.downsample_in_first_stage,
+            downsample_in_bottleneck=self.downsample_in_bottleneck,
+        )
+
+    def gpt2_config(self) -> GPT2Config:
+        """The language model's config: the preset with this config's overrides applied."""
+        return gpt2_config(
+            self.language_model,
+            n_layer=self.n_layer,
+            n_embd=self.n_embd,
+            n_head=self.n_head,
+            n_positions=self.n_positions,
+            vocab_size=self.vocab_size,
+        )
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Non-text tokens before the instruction: the image, plus proprio if present."""
+        return 1 + int(self.proprio_dim > 0)
+
+
+def dummy_obs(config: VLAModelConfig, batch: int = 1) -> dict[str, jax.Array]:
+    """A zero observation batch in the documented format (for `init` / shape inference)."""
+    size = config.image_size
+    obs = {
+        "rgb": jnp.zeros((batch, size, size, 3), jnp.uint8),
+        "language": jnp.zeros((batch, config.max_instruction_length), jnp.int32),
+        "language_mask": jnp.ones((batch, config.max_instruction_length), bool),
+    }
+    if config.proprio_dim > 0:
+        obs["proprio"] = jnp.zeros((batch, config.proprio_dim), jnp.float32)
+    if config.use_depth:
+        obs["depth"] = jnp.zeros((batch, size, size, 1), jnp.float32)
+    return obs
+
+
+def pixels_from_obs(obs: Mapping[str, jax.Array], use_depth: bool) -> jax.Array:
+    """NHWC float pixels: rgb scaled to [0, 1] (if integer), depth appended as a channel if used."""
+    rgb = obs["rgb"]
+    pixels = rgb.astype(jnp.float32) / 255.0 if jnp.issubdtype(rgb.dtype, jnp.integer) else rgb.astype(jnp.float32)
+    if use_depth:
+        if "depth" not in obs:
+            raise KeyError("use_depth=True but the observation has no 'depth'")
+        pixels = jnp.concatenate([pixels, obs["depth"].astype(jnp.float32)], axis=-1)
+    return pixels
+
+
+def last_valid_index(mask: jax.Array) -> jax.Array:
+    """Index [B] of the last True entry of each row of a [B, T] mask (rows must have one)."""
+    length = mask.shape[1]
+    return length - 1 - jnp.argmax(mask[:, ::-1].astype(jnp.int32), axis=1)
+
+
+class GPTVLAModel(nn.Module):
+    """ResNet + GPT-2 VLA with a Gaussian action head and a value head.
+
+    Satisfies the Policy contract (`__call__(obs) -> (DiagGaussian, value [B])`)
+    and offers the seed's VLA interface as methods, usable with
+    `model.apply(variables, obs, method="forward")` etc. Variables hold `params`
+    and the frozen BatchNorm `batch_stats`.
+    """
+
+    config: VLAModelConfig
+    dtype: Any = jnp.float32  # computation dtype of the trunks (heads stay float32)
+
+    @property
+    def action_chunk(self) -> int:
+        """Actions per inference (read by `policy.action_chunk_size`)."""
+        return self.config.action_chunk
+
+    def setup(self) -> None:
+        cfg = self.config
+        embd = cfg.gpt2_config().n_embd
+        self.vision = ResNetModel(cfg.resnet_config(), dtype=self.dtype)
+        self.language = GPT2Model(cfg.gpt2_config(), dtype=self.dtype)
+        self.image_proj = nn.Dense(embd, dtype=self.dtype)
+        if cfg.proprio_dim > 0:
+            self.proprio_proj = nn.Dense(embd, dtype=self.dtype)
+        self.action_mean = nn.Dense(cfg.action_dim * cfg.action_chunk, kernel_init=nn.initializers.normal(0.01))
+        self.value_fc = nn.Dense(cfg.value_hidden_dim)
+        self.value_out = nn.Dense(1)
+        self.log_std = self.param("log_std", nn.initializers.constant(cfg.init_log_std), (cfg.action_dim,))
+
+    def features(self, obs: Mapping[str, jax.Array]) -> jax.Array:
+        """The GPT-2 hidden state [B, E] (float32) at the last valid token."""
+        cfg = self.config
+        pooled, _ = self.vision(pixels_from_obs(obs, cfg.use_depth).astype(self.dtype))
+        tokens = [self.image_proj(pooled.astype(self.dtype))[:, None]]
+        if cfg.proprio_dim > 0:
+            tokens.append(self.proprio_proj(obs["proprio"].astype(self.dtype))[:, None])
+        batch = pooled.shape[0]
+        mask = [jnp.ones((batch, cfg.num_prefix_tokens), bool)]
+        if "language" in obs:
+            ids = obs["language"]
+            tokens.append(self.language.embed_tokens(ids))
+            mask.append(obs.get("language_mask", jnp.ones(ids.shape, bool)).astype(bool))
+        seq = jnp.concatenate([t.astype(self.dtype) for t in tokens], axis=1)
+        mask = jnp.concatenate(mask, axis=1)
+        hidden = self.language(inputs_embeds=seq, attention_mask=mask)
+        idx = last_valid_index(mask)
+        return jnp.take_along_axis(hidden, idx[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+
+    def _heads(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(action means [B, A] or [B, H, A], value [B, 1]) from the readout features."""
+        cfg = self.config
+        mean = self.action_mean(h)
+        if cfg.action_chunk > 1:
+            mean = mean.reshape(mean.shape[0], cfg.action_chunk, cfg.action_dim)
+        value = self.value_out(jnp.tanh(self.value_fc(h)))
+        return mean, value
+
+    def __call__(self, obs: Mapping[str, jax.Array]) -> tuple[DiagGaussian, jax.Array]:
+        mean, value = self._heads(self.features(obs))
+        return DiagGaussian(mean, self.log_std), value[:, 0]
+
+    def forward(self, obs: Mapping[str, jax.Array]) -> jax.Array:
+        """The seed's `forward`: deterministic actions (Gaussian means)."""
+        return self._heads(self.features(obs))[0]
+
+    def get_value(self, obs: Mapping[str, jax.Array]) -> jax.Array:
+        """The seed's `get_value`: value estimates [B, 1]."""
+        return self._heads(self.features(obs))[1]
+
+    def evaluate_actions(self, obs: Mapping[str, jax.Array], actions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The seed's `evaluate_actions`: (log_prob [B], entropy [B]).
+
+        For action chunks both are summed over the chunk: the log-density and
+        entropy of the whole chunk, whose steps are independent given the obs.
+        """
+        dist, _ = self(obs)
+        log_prob, entropy = dist.log_prob(actions), dist.entropy()
+        if self.config.action_chunk > 1:
+            log_prob, entropy = log_prob.sum(axis=-1), entropy.sum(axis=-1)
+        return log_prob, entropy

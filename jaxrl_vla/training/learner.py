@@ -1,0 +1,72 @@
+"""The learner step shared by every collection mode: GAE, PPO update, normaliser."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from jaxrl_vla.algo import ppo
+from jaxrl_vla.training.normalizer import RunningStats, normalize, update_stats
+from jaxrl_vla.types import Transition
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a run needs to continue exactly; checkpointed whole.
+
+    env_state / obs hold the JAX-native envs' state (None for host envs, whose
+    state lives outside JAX and restarts on resume).
+    """
+
+    params: Any
+    opt_state: Any
+    obs_stats: RunningStats | None
+    key: jax.Array
+    global_step: jax.Array
+    iteration: jax.Array
+    env_state: Any = None
+    obs: Any = None
+
+
+def make_learn_fn(
+    apply_fn: Callable, optimizer: optax.GradientTransformation, cfg: ppo.PPOConfig
+) -> Callable[[TrainState, Transition, jax.Array], tuple[TrainState, dict]]:
+    """Build the pure `learn(state, rollout [T, N], last_value [N]) -> (state, metrics)`.
+
+    The loss sees observations normalised with the same statistics the actor
+    used, so the first epoch's ratio is exactly 1; the statistics absorb the
+    rollout only after the update.
+    """
+
+    def learn(state: TrainState, rollout: Transition, last_value: jax.Array) -> tuple[TrainState, dict]:
+        advantages, returns = ppo.gae_from_transitions(rollout, last_value, cfg.gamma, cfg.gae_lambda)
+        batch = ppo.make_batch(rollout, advantages, returns)
+        key, update_key = jax.random.split(state.key)
+        stats = state.obs_stats
+
+        def normalized_apply(params, obs):
+            return apply_fn(params, normalize(stats, obs))
+
+        params, opt_state, metrics = ppo.update(
+            state.params, state.opt_state, batch, update_key, apply_fn=normalized_apply, optimizer=optimizer, cfg=cfg
+        )
+        new_stats = None if stats is None else update_stats(stats, rollout.obs)
+        metrics["staleness"] = jnp.mean(state.iteration - rollout.policy_version.astype(jnp.float32))
+        metrics["advantage_mean"] = advantages.mean()
+        metrics["value_mean"] = rollout.value.mean()
+        num_steps = rollout.reward.size
+        new_state = state.replace(
+            params=params,
+            opt_state=opt_state,
+            obs_stats=new_stats,
+            key=key,
+            global_step=state.global_step + num_steps,
+            iteration=state.iteration + 1,
+        )
+        return new_state, metrics
+
+    return learn

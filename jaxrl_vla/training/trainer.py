@@ -1,0 +1,291 @@
+"""Trainer: the seed's training coordinator, over jitted pure functions.
+
+    trainer = Trainer(policy, env, algorithm, buffer_size=128, num_envs=8)
+    trainer.train(total_timesteps=100_000)
+
+Standard mode with a JAX-native env runs each iteration (rollout by scan over
+vmapped envs, GAE, n_epochs x minibatch update) as ONE jitted function whose
+state is donated, so the host only dispatches and logs.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import flax.linen as nn
+
+from jaxrl_vla.algo import ppo
+from jaxrl_vla.envs.base import Env
+from jaxrl_vla.envs.wrappers import VecEnv
+from jaxrl_vla.models.policy import action_chunk_size, zeros_like_obs
+from jaxrl_vla.training import sharding
+from jaxrl_vla.training.checkpoint import Checkpointer
+from jaxrl_vla.training.learner import TrainState, make_learn_fn
+from jaxrl_vla.training.logging import RunLogger
+from jaxrl_vla.training.normalizer import init_stats
+from jaxrl_vla.training.rollout import EpisodeStats, make_evaluate_fn, make_rollout_fn
+
+BUFFER_TYPES = ("standard", "vla")
+
+
+def new_run_dir(output_dir: str | Path, exp_name: str) -> Path:
+    """A fresh directory `output_dir/exp_name-YYYYmmdd-HHMMSS[-k]`; never reuses one."""
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(output_dir) / f"{exp_name}-{stamp}"
+    candidate, k = base, 1
+    while True:
+        try:
+            candidate.mkdir(parents=True, exist_ok=False)
+            return candidate
+        except FileExistsError:
+            k += 1
+            candidate = base.with_name(f"{base.name}-{k}")
+
+
+def episode_summary(stats: EpisodeStats, prefix: str = "") -> dict[str, float | None]:
+    count = float(stats.count)
+    if count == 0:
+        return {f"{prefix}episodes": 0}
+    out = {
+        f"{prefix}episodes": int(count),
+        f"{prefix}episode_return_mean" if not prefix else f"{prefix}return_mean": float(stats.return_sum) / count,
+        f"{prefix}episode_length_mean" if not prefix else f"{prefix}length_mean": float(stats.length_sum) / count,
+    }
+    return out
+
+
+class Trainer:
+    """Coordinates collection, learning, evaluation, logging and checkpoints.
+
+    Args (the seed's, plus what a run needs):
+      policy        a flax Module following `jaxrl_vla.models.policy` (dist, value)
+      env           a JAX-native `Env` (single instance; vmapped num_envs times)
+      algorithm     a `PPOConfig`
+      buffer_size   steps per env per rollout (standard mode)
+      buffer_type   "standard" | "vla" (async; see jaxrl_vla.training.async_trainer)
+      batch_size    PPO minibatch size (overrides algorithm.batch_size when given)
+      num_envs      parallel envs
+      iterations    planned iterations (fixes the LR schedule); train() may override
+      success_key   info key counted as task success (the env's "success" by default)
+    """
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        env: Env,
+        algorithm: ppo.PPOConfig,
+        buffer_size: int = 2048,
+        buffer_type: str = "standard",
+        batch_size: int | None = None,
+        num_envs: int = 1,
+        seed: int = 0,
+        iterations: int | None = None,
+        eval_freq: int = 10,
+        num_eval_episodes: int = 10,
+        save_freq: int = 50,
+        output_dir: str | Path = "runs",
+        exp_name: str = "run",
+        normalize_observations: bool = False,
+        trainable_mask: Any = None,
+        init_params: Any = None,
+        config: dict | None = None,
+        progress: bool = True,
+        log_fn: Callable[[dict], None] | None = None,
+    ):
+        if buffer_type not in BUFFER_TYPES:
+            raise ValueError(f"trainer.buffer_type must be one of {BUFFER_TYPES}, got {buffer_type!r}")
+        if buffer_type != "standard":
+            raise ValueError("buffer_type 'vla' is served by jaxrl_vla.training.async_trainer.AsyncTrainer")
+        self.policy = policy
+        self.env = env
+        self.cfg = algorithm if batch_size is None else algorithm.replace(batch_size=int(batch_size))
+        self.buffer_size = int(buffer_size)
+        self.num_envs = int(num_envs)
+        self.seed = int(seed)
+        self.iterations = iterations
+        self.eval_freq = int(eval_freq)
+        self.num_eval_episodes = int(num_eval_episodes)
+        self.save_freq = int(save_freq)
+        self.output_dir = Path(output_dir)
+        self.exp_name = exp_name
+        self.normalize_observations = normalize_observations
+        self.trainable_mask = trainable_mask
+        self.init_params = init_params
+        self.config = config or {}
+        self.progress = progress
+        self.log_fn = log_fn
+        self.chunk = action_chunk_size(policy)
+        self.samples_per_iteration = self.buffer_size * self.num_envs
+        self.cfg.num_minibatches(self.samples_per_iteration)  # fail early with a named error
+        self.vec_env = VecEnv(env, self.num_envs)
+        self.mesh = sharding.make_mesh()
+        self.run_dir: Path | None = None
+        self.state: TrainState | None = None
+        self.trace_count = 0
+        self._stop = threading.Event()
+
+    # ------------------------------------------------------------------ setup
+
+    def _init_state(self, key: jax.Array) -> TrainState:
+        key, init_key, env_key = jax.random.split(key, 3)
+        env_state, obs = self.vec_env.reset(env_key)
+        params = self.init_params
+        if params is None:
+            params = self.policy.init(init_key, zeros_like_obs(self.env.observation_space, 1))
+        stats = init_stats(jax.tree_util.tree_map(lambda x: x[0], obs)) if self.normalize_observations else None
+        return TrainState(
+            params=params,
+            opt_state=self.optimizer.init(params),
+            obs_stats=stats,
+            key=key,
+            global_step=jnp.zeros((), jnp.int32),
+            iteration=jnp.zeros((), jnp.int32),
+            env_state=env_state,
+            obs=obs,
+        )
+
+    def _shardings(self, state: TrainState) -> TrainState:
+        return sharding.batch_sharded(self.mesh, state, self.num_envs)
+
+    def _build(self, total_iterations: int) -> None:
+        num_minibatches = self.cfg.num_minibatches(self.samples_per_iteration)
+        total_grad_steps = total_iterations * self.cfg.n_epochs * num_minibatches
+        self.optimizer = ppo.make_optimizer(self.cfg, total_grad_steps, self.trainable_mask)
+        apply_fn = self.policy.apply
+        rollout = make_rollout_fn(apply_fn, self.vec_env, self.buffer_size, self.chunk)
+        learn = make_learn_fn(apply_fn, self.optimizer, self.cfg)
+
+        def iteration(state: TrainState):
+            self.trace_count += 1  # runs only while tracing: counts compilations
+            key, rollout_key = jax.random.split(state.key)
+            env_state, obs, transitions, last_value, episodes = rollout(
+                state.params, state.obs_stats, state.env_state, state.obs, rollout_key, state.iteration
+            )
+            state = state.replace(key=key, env_state=env_state, obs=obs)
+            state, metrics = learn(state, transitions, last_value)
+            return state, metrics, episodes
+
+        template = jax.eval_shape(self._init_state, jax.random.PRNGKey(0))
+        state_shardings = self._shardings(template)
+        self._iteration = jax.jit(
+            iteration, donate_argnums=0, out_shardings=(state_shardings, sharding.replicated(self.mesh), sharding.replicated(self.mesh))
+        )
+        self._state_shardings = state_shardings
+        eval_env = VecEnv(self.env, self.num_eval_episodes)
+        max_steps = int(getattr(self.env, "max_episode_steps", 1000))
+        self._evaluate = jax.jit(make_evaluate_fn(apply_fn, eval_env, max_steps, self.chunk))
+
+    # ------------------------------------------------------------------ run
+
+    def _open_run(self, resume: Path | None) -> None:
+        if resume is not None:
+            self.run_dir = Path(resume)
+            return
+        self.run_dir = new_run_dir(self.output_dir, self.exp_name)
+        (self.run_dir / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
+
+    def evaluate(self) -> dict[str, float | None]:
+        """Deterministic evaluation over num_eval_episodes first episodes."""
+        stats = jax.device_get(self._evaluate(self.state.params, self.state.obs_stats, jax.random.PRNGKey(self.seed + 1)))
+        out = episode_summary(stats, prefix="eval/")
+        if float(stats.count) > 0 and self._env_reports_success():
+            out["eval/success_rate"] = float(stats.success_sum) / float(stats.count)
+        return out
+
+    def _env_reports_success(self) -> bool:
+        return bool(getattr(self.env, "reports_success", False))
+
+    def train(self, total_timesteps: int | None = None, resume: str | Path | None = None) -> TrainState:
+        """Train until `total_timesteps` env steps (or `iterations`); returns the final state."""
+        if total_timesteps is not None:
+            total_iterations = max(1, math.ceil(int(total_timesteps) / self.samples_per_iteration))
+        elif self.iterations is not None:
+            total_iterations = int(self.iterations)
+        else:
+            raise ValueError("give total_timesteps or trainer.iterations")
+        self._build(total_iterations)
+        self._open_run(Path(resume) if resume else None)
+        checkpointer = Checkpointer(self.run_dir)
+        state = jax.device_put(self._init_state(jax.random.PRNGKey(self.seed)), self._state_shardings)
+        if resume:
+            state, _ = checkpointer.restore(state)
+        self.state = state
+        start = int(state.iteration)
+        logger = RunLogger(self.run_dir, total_iterations, start, progress=self.progress)
+        previous_handler = self._install_sigint()
+        interrupted = False
+        try:
+            interrupted = self._loop(start, total_iterations, logger, checkpointer)
+        finally:
+            jax.block_until_ready(self.state)
+            checkpointer.save(int(self.state.iteration), self.state, {"config": self.config})
+            checkpointer.close()
+            logger.close()
+            self._restore_sigint(previous_handler)
+        verb = "interrupted at" if interrupted else "finished"
+        logger.console.print(
+            f"{verb} iteration {int(self.state.iteration)} ({int(self.state.global_step):,} env steps); "
+            f"outputs in {self.run_dir} (metrics.jsonl, tensorboard/, checkpoints/)"
+        )
+        self.interrupted = interrupted
+        return self.state
+
+    def _loop(self, start: int, total: int, logger: RunLogger, checkpointer: Checkpointer) -> bool:
+        last_eval: dict = {}
+        for it in range(start, total):
+            if self._stop.is_set():
+                return True
+            t0 = time.perf_counter()
+            new_state, metrics, episodes = self._iteration(self.state)
+            metrics, episodes = jax.device_get((metrics, episodes))
+            elapsed = time.perf_counter() - t0
+            self.state = new_state
+            record = {
+                "iteration": it + 1,
+                "global_step": int(new_state.global_step),
+                "sps": self.samples_per_iteration / elapsed,
+                "iteration_time": elapsed,
+            }
+            record.update(episode_summary(episodes))
+            if self._env_reports_success() and float(episodes.count) > 0:
+                record["success_rate"] = float(episodes.success_sum) / float(episodes.count)
+            record.update({k: float(v) for k, v in metrics.items()})
+            if self.eval_freq > 0 and ((it + 1) % self.eval_freq == 0 or it + 1 == total):
+                last_eval = self.evaluate()
+                record.update(last_eval)
+            logger.log(record)
+            if self.log_fn is not None:
+                self.log_fn(record)
+            if self.save_freq > 0 and (it + 1) % self.save_freq == 0 and it + 1 < total:
+                checkpointer.save(it + 1, self.state, {"config": self.config})
+        self.final_eval = last_eval
+        return False
+
+    def request_stop(self) -> None:
+        """Finish the current iteration, checkpoint and return (what Ctrl-C does)."""
+        self._stop.set()
+
+    def _install_sigint(self):
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def handler(signum, frame):
+            if self._stop.is_set():  # a second Ctrl-C: give up waiting
+                raise KeyboardInterrupt
+            self._stop.set()
+
+        return signal.signal(signal.SIGINT, handler)
+
+    def _restore_sigint(self, previous) -> None:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
