@@ -81,7 +81,7 @@ class VecEnv:
         reset_state, reset_obs = jax.vmap(self.env.reset)(reset_keys)
         env_state = _select(done, reset_state, env_state)
         obs = _select(done, reset_obs, ts.obs)
-        key = jnp.where(done[:, None], next_keys, state.key)
+        key = _select(done, next_keys, state.key)
 
         info = dict(ts.info)
         info.update(

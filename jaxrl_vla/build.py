@@ -1,0 +1,124 @@
+"""From a resolved config to the objects a run needs: env, policy, PPOConfig, Trainer.
+
+Each builder checks what only it can check (env constructor arguments, the
+policy's fit to the env) and raises ConfigError naming the field, so the CLI
+still fails with exit code 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import Any
+
+from jaxrl_vla.algo.ppo import PPOConfig
+from jaxrl_vla.config import ConfigError
+
+
+def _check_kwargs(factory: Any, kwargs: dict, where: str) -> None:
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return
+    params = signature.parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    for key in kwargs:
+        if key not in params:
+            close = difflib.get_close_matches(key, list(params), n=1, cutoff=0.4)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(params) or 'none'}"
+            raise ConfigError(f"{where}.{key}: unknown key{hint}")
+
+
+def env_kwargs(env_cfg: dict) -> dict:
+    return {k: v for k, v in env_cfg.items() if k not in ("name", "type")}
+
+
+def build_env(env_cfg: dict) -> Any:
+    """A JAX-native env from the registry (`env.type` "jax", the default)."""
+    from jaxrl_vla import envs
+
+    name, kind = env_cfg["name"], env_cfg.get("type", "jax")
+    kwargs = env_kwargs(env_cfg)
+    if kind == "gymnasium" or name.startswith("gymnasium:"):
+        from jaxrl_vla.envs.host import make_gymnasium_env
+
+        return make_gymnasium_env(name.removeprefix("gymnasium:"), **kwargs)
+    if kind in ("torchrl", "tensordict"):
+        from bridge.envs import make_torch_env  # the bridge owns torch envs
+
+        return make_torch_env(name, kind, **kwargs)
+    if name.startswith(envs.GYMNAX_PREFIX):
+        return envs.make_env(name, **kwargs)
+    if name not in envs.available_envs():
+        close = difflib.get_close_matches(name, envs.available_envs(), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(envs.available_envs())}"
+        raise ConfigError(f"env.name: unknown env {name!r}{hint}")
+    factory = envs._resolve(envs._REGISTRY[name])
+    _check_kwargs(factory, kwargs, "env")
+    try:
+        return factory(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"env: {name} rejected its arguments: {err}") from None
+
+
+def build_algorithm(algo_cfg: dict) -> PPOConfig:
+    cfg = algo_cfg["cfg"]
+    return PPOConfig(**{k: (float(v) if isinstance(v, int) and not isinstance(v, bool) and k not in ("n_epochs", "batch_size") else v) for k, v in cfg.items()})
+
+
+def build_policy(policy_cfg: dict, env: Any) -> tuple[Any, Any, Any]:
+    """(policy module, initial params or None, trainable mask or None)."""
+    if policy_cfg["name"] == "actor_critic":
+        from jaxrl_vla.models.actor_critic import ActorCritic
+
+        if policy_cfg["action_chunk"] != 1:
+            raise ConfigError("policy.action_chunk: actor_critic emits one action per inference; use 1")
+        module = ActorCritic(
+            env.action_space,
+            hidden_sizes=tuple(policy_cfg["hidden_sizes"]),
+            activation=policy_cfg["activation"],
+            log_std_init=float(policy_cfg["log_std_init"]),
+        )
+        return module, None, None
+    from jaxrl_vla.models.vla_policy import build_vla_policy
+
+    return build_vla_policy(policy_cfg, env)
+
+
+def trainer_kwargs(cfg: dict) -> dict:
+    t = cfg["trainer"]
+    return dict(
+        buffer_size=t["buffer_size"],
+        buffer_type=t["buffer_type"],
+        num_envs=t["num_envs"],
+        seed=t["seed"],
+        iterations=t["iterations"],
+        eval_freq=t["eval_freq"],
+        num_eval_episodes=t["num_eval_episodes"],
+        save_freq=t["save_freq"],
+        output_dir=t["output_dir"],
+        exp_name=t["exp_name"],
+        normalize_observations=t["normalize_observations"],
+        progress=t["progress"],
+    )
+
+
+def build_trainer(cfg: dict) -> Any:
+    """The Trainer (standard) or AsyncTrainer (vla) that the config describes."""
+    env = build_env(cfg["env"])
+    algorithm = build_algorithm(cfg["algorithm"])
+    policy, params, mask = build_policy(cfg["policy"], env)
+    kwargs = trainer_kwargs(cfg)
+    common = dict(init_params=params, trainable_mask=mask, config=cfg)
+    if cfg["trainer"]["buffer_type"] == "vla" or getattr(env, "is_host_env", False):
+        from jaxrl_vla.training.async_trainer import AsyncTrainer
+
+        t = cfg["trainer"]
+        return AsyncTrainer(
+            policy, env, algorithm, num_collectors=t["num_collectors"], env_step_timeout=t["env_step_timeout"],
+            **kwargs, **common,
+        )
+    from jaxrl_vla.training.trainer import Trainer
+
+    return Trainer(policy, env, algorithm, **kwargs, **common)

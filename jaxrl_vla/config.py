@@ -1,0 +1,378 @@
+"""Run configuration: the seed's JSON format, validated before anything runs.
+
+    {"trainer": {...}, "algorithm": {"name": "ppo", "cfg": {...}}, "policy": {...}, "env": {...}}
+
+JSON may carry `//` and `/* */` comments (the seed's own examples do); YAML
+files (.yaml/.yml) are read too. Every field is declared once in SCHEMA with its
+type, default, range and meaning; docs/config.md is generated from it.
+
+Errors are `ConfigError`s naming the file and line (unreadable files), the full
+field path (wrong type or range) or the unknown key and the closest valid one.
+The CLI turns them into exit code 2 before any file is written.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message meant for the user."""
+
+
+@dataclass(frozen=True)
+class Field:
+    kind: type | tuple[type, ...]
+    default: Any
+    doc: str
+    check: Callable[[Any], bool] | None = None
+    rule: str = ""  # human form of `check`, for messages and docs
+    nullable: bool = False
+
+
+def _pos(x: Any) -> bool:
+    return x > 0
+
+
+def _nonneg(x: Any) -> bool:
+    return x >= 0
+
+
+def _unit(x: Any) -> bool:
+    return 0.0 <= x <= 1.0
+
+
+def _one_of(*choices: str) -> tuple[Callable[[Any], bool], str]:
+    return (lambda x: x in choices), "one of " + ", ".join(repr(c) for c in choices)
+
+
+_BUFFER_TYPE = _one_of("standard", "vla")
+_SCHEDULE = _one_of("constant", "linear", "cosine")
+_ACTIVATION = _one_of("tanh", "relu", "gelu", "elu", "silu")
+_POLICY = _one_of("actor_critic", "vla")
+_ENV_TYPE = _one_of("jax", "gymnasium", "torchrl", "tensordict")
+_DTYPE = _one_of("float32", "bfloat16")
+
+# "free" marks a section whose keys are not fixed (env kwargs, model_config).
+FREE = "free"
+
+SCHEMA: dict[str, Any] = {
+    "trainer": {
+        "buffer_size": Field(int, 2048, "standard mode: steps per env per rollout (a rollout holds buffer_size x num_envs transitions); vla mode: capacity of the circular buffer in transitions, laid out [buffer_size / num_envs, num_envs]", _pos, "> 0"),
+        "buffer_type": Field(str, "standard", "'standard': collect a rollout, train, clear; 'vla': a background thread collects into a circular buffer while the learner trains", *_BUFFER_TYPE),
+        "iterations": Field(int, 500, "training iterations (one rollout + one PPO update each); --total-timesteps overrides", _pos, "> 0"),
+        "num_envs": Field(int, 8, "parallel environments", _pos, "> 0"),
+        "seed": Field(int, 0, "seed of every random number in the run", _nonneg, ">= 0"),
+        "eval_freq": Field(int, 10, "evaluate every this many iterations (and at the end); 0 disables", _nonneg, ">= 0"),
+        "num_eval_episodes": Field(int, 10, "episodes per evaluation (deterministic actions)", _pos, "> 0"),
+        "save_freq": Field(int, 50, "checkpoint every this many iterations (and always at the end); 0: only at the end", _nonneg, ">= 0"),
+        "exp_name": Field(str, "run", "run directory name prefix: OUTPUT_DIR/EXP_NAME-YYYYmmdd-HHMMSS"),
+        "output_dir": Field(str, "runs", "parent directory of run directories"),
+        "normalize_observations": Field(bool, False, "normalise float observations by running mean/std kept in the checkpointed state"),
+        "num_collectors": Field(int, 1, "vla mode: collector threads, each with its own envs", _pos, "> 0"),
+        "env_step_timeout": Field((int, float), 60.0, "vla mode: seconds an env step or inference may take before the run fails", _pos, "> 0"),
+        "progress": Field(bool, True, "show the progress bar"),
+    },
+    "algorithm": {
+        "name": Field(str, "ppo", "algorithm", *_one_of("ppo")),
+        "cfg": {
+            "learning_rate": Field((int, float), 3e-4, "Adam step size", _pos, "> 0"),
+            "lr_schedule": Field(str, "constant", "learning-rate schedule over all gradient steps (linear and cosine decay to 0)", *_SCHEDULE),
+            "gamma": Field((int, float), 0.99, "discount factor", _unit, "in [0, 1]"),
+            "gae_lambda": Field((int, float), 0.95, "GAE lambda", _unit, "in [0, 1]"),
+            "n_epochs": Field(int, 10, "passes over each rollout", _pos, "> 0"),
+            "batch_size": Field(int, 64, "minibatch size in transitions (a remainder of the rollout is left out of each shuffled epoch)", _pos, "> 0"),
+            "clip_coef": Field((int, float), 0.2, "PPO ratio clip", _pos, "> 0"),
+            "vf_clip_coef": Field((int, float), None, "clip of the value change (null: no value clipping)", _pos, "> 0", nullable=True),
+            "ent_coef": Field((int, float), 0.0, "entropy bonus weight", _nonneg, ">= 0"),
+            "vf_coef": Field((int, float), 0.5, "value loss weight", _nonneg, ">= 0"),
+            "max_grad_norm": Field((int, float), 0.5, "global gradient-norm clip", _pos, "> 0"),
+            "target_kl": Field((int, float), None, "stop the iteration's remaining minibatch updates once approx_kl > 1.5 x target_kl (null: never)", _pos, "> 0", nullable=True),
+            "normalize_advantage": Field(bool, True, "normalise advantages per minibatch"),
+        },
+    },
+    "policy": {
+        "name": Field(str, "actor_critic", "'actor_critic' (MLP from scratch) or 'vla' (pretrained torch VLA)", *_POLICY),
+        "hidden_sizes": Field(list, [64, 64], "actor_critic: widths of the hidden layers (actor and critic each)", lambda v: len(v) > 0 and all(isinstance(w, int) and w > 0 for w in v), "a non-empty list of positive ints"),
+        "activation": Field(str, "tanh", "actor_critic: hidden activation", *_ACTIVATION),
+        "log_std_init": Field((int, float), 0.0, "continuous actions: initial log standard deviation"),
+        "action_chunk": Field(int, 1, "actions per inference (H); the collector executes them in order", _pos, "> 0"),
+        "action_dim": Field(int, None, "vla: action dimension (checked against the env)", _pos, "> 0", nullable=True),
+        "dtype": Field(str, "float32", "vla: parameter and activation dtype", *_DTYPE),
+        "freeze": Field(list, [], "vla: parameter path prefixes kept frozen (e.g. 'vision', 'language/h_0')", lambda v: all(isinstance(p, str) for p in v), "a list of strings"),
+        "vla_config": {
+            "model_path": Field(str, None, "torch checkpoint (.pt/.pth/.safetensors)", nullable=True),
+            "model_class": Field(str, "bridge.vla_models.GPTVLAModel", "torch model class 'package.module.Class'"),
+            "model_config": FREE,
+            "make_checkpoint": Field(str, None, "command that creates model_path when it is missing (shown in the error)", nullable=True),
+        },
+    },
+    "env": FREE,  # {"name": ..., "type": ..., **kwargs}; kwargs are checked against the env's constructor
+}
+
+ENV_DOC = {
+    "name": "registered env id (CartPole-v1, Pendulum-v1, VLReach-v0, gymnax:<id>, gymnasium:<id>, ...)",
+    "type": "'jax' (default for registered JAX envs), 'gymnasium', 'torchrl' or 'tensordict'",
+    "...": "every other key is passed to the env's constructor, whose signature checks it",
+}
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def _strip_json_comments(text: str) -> str:
+    """Blank out // and /* */ comments outside strings, keeping line numbers."""
+    out, i, n = [], 0, len(text)
+    in_string = False
+    while i < n:
+        c = text[i]
+        if in_string:
+            out.append(c)
+            if c == "\\" and i + 1 < n:
+                out.append(text[i + 1])
+                i += 2
+                continue
+            if c == '"':
+                in_string = False
+            i += 1
+        elif c == '"':
+            in_string = True
+            out.append(c)
+            i += 1
+        elif text.startswith("//", i):
+            j = text.find("\n", i)
+            j = n if j < 0 else j
+            out.append(" " * (j - i))
+            i = j
+        elif text.startswith("/*", i):
+            j = text.find("*/", i + 2)
+            if j < 0:
+                line = text.count("\n", 0, i) + 1
+                raise ConfigError(f"unterminated /* comment starting at line {line}")
+            chunk = text[i : j + 2]
+            out.append(re.sub(r"[^\n]", " ", chunk))
+            i = j + 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def _strip_trailing_commas(text: str) -> str:
+    return re.sub(r",(\s*[}\]])", r"\1", text)
+
+
+def read_config_file(path: str | Path) -> dict:
+    """Parse a JSON (with comments) or YAML file; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(_strip_trailing_commas(_strip_json_comments(text)))
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}:{err.lineno}:{err.colno}: malformed JSON: {err.msg}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{mark.line + 1}:{mark.column + 1}" if mark else "?"
+        raise ConfigError(f"{path}:{where}: malformed YAML: {getattr(err, 'problem', err)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be an object with trainer/algorithm/policy/env")
+    return data
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _closest(key: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.4)
+    return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(sorted(valid))}"
+
+
+def _type_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true/false", list: "a list", dict: "an object"}
+    return " or ".join(dict.fromkeys(names.get(k, k.__name__) for k in kinds))
+
+
+def _check_value(path: str, spec: Field, value: Any) -> Any:
+    if value is None:
+        if spec.nullable or spec.default is None:
+            return None
+        raise ConfigError(f"{path}: must not be null; expected {_type_name(spec.kind)}")
+    kinds = spec.kind if isinstance(spec.kind, tuple) else (spec.kind,)
+    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+    if not ok:
+        raise ConfigError(f"{path}: expected {_type_name(spec.kind)}, got {json.dumps(value)}")
+    if spec.check is not None and not spec.check(value):
+        raise ConfigError(f"{path}: {json.dumps(value)} is out of range; must be {spec.rule}")
+    return value
+
+
+def _resolve_section(path: str, schema: dict, given: Any) -> dict:
+    if given is None:
+        given = {}
+    if not isinstance(given, dict):
+        raise ConfigError(f"{path}: expected an object, got {json.dumps(given)}")
+    for key in given:
+        if key not in schema:
+            raise ConfigError(f"{path}.{key}: unknown key{_closest(key, list(schema))}".lstrip("."))
+    out = {}
+    for key, spec in schema.items():
+        sub = f"{path}.{key}" if path else key
+        if spec == FREE:
+            value = given.get(key, {})
+            if not isinstance(value, dict):
+                raise ConfigError(f"{sub}: expected an object, got {json.dumps(value)}")
+            out[key] = copy.deepcopy(value)
+        elif isinstance(spec, dict):
+            out[key] = _resolve_section(sub, spec, given.get(key))
+        else:
+            out[key] = _check_value(sub, spec, copy.deepcopy(given.get(key, spec.default)))
+    return out
+
+
+def _check_cross_fields(cfg: dict) -> None:
+    trainer, env, policy = cfg["trainer"], cfg["env"], cfg["policy"]
+    if "name" not in env or not isinstance(env["name"], str):
+        raise ConfigError("env.name: required (a string such as \"CartPole-v1\")")
+    if "type" in env and not _ENV_TYPE[0](env["type"]):
+        raise ConfigError(f"env.type: {json.dumps(env['type'])} must be {_ENV_TYPE[1]}")
+    if trainer["buffer_type"] == "vla" and trainer["buffer_size"] % trainer["num_envs"]:
+        raise ConfigError(
+            f"trainer.buffer_size ({trainer['buffer_size']}) must be divisible by trainer.num_envs "
+            f"({trainer['num_envs']}) in vla mode: the circular buffer is laid out "
+            f"[buffer_size / num_envs, num_envs]"
+        )
+    steps = trainer["buffer_size"] if trainer["buffer_type"] == "standard" else trainer["buffer_size"] // trainer["num_envs"]
+    if steps % policy["action_chunk"]:
+        raise ConfigError(
+            f"policy.action_chunk ({policy['action_chunk']}) must divide the steps per env per rollout ({steps})"
+        )
+    samples = steps * trainer["num_envs"]
+    batch = cfg["algorithm"]["cfg"]["batch_size"]
+    if batch > samples:
+        raise ConfigError(
+            f"algorithm.cfg.batch_size ({batch}) exceeds the {samples} transitions one iteration trains on"
+        )
+    if policy["name"] == "vla" and not policy["vla_config"]["model_class"]:
+        raise ConfigError("policy.vla_config.model_class: required when policy.name is 'vla'")
+
+
+def resolve(raw: dict) -> dict:
+    """Validate a raw config and fill every default; returns a new dict."""
+    cfg = _resolve_section("", SCHEMA, raw)
+    _check_cross_fields(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------------------- overrides
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'algorithm.cfg.learning_rate=1e-4' -> (['algorithm','cfg','learning_rate'], 1e-4)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY.PATH=VALUE")
+    key, value = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return parts, parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply --set overrides to a raw (unresolved) config; validation follows."""
+    raw = copy.deepcopy(raw)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {text!r}: {'.'.join(parts[: i + 1])} is not an object")
+            node = nxt
+        node[parts[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> dict:
+    """Read (or take the embedded default), apply overrides, validate."""
+    raw = read_config_file(path) if path is not None else copy.deepcopy(DEFAULT_CONFIG)
+    return resolve(apply_overrides(raw, overrides or []))
+
+
+# The embedded default: PPO on the JAX-native CartPole (configs/cartpole.json is a copy).
+DEFAULT_CONFIG: dict = {
+    "trainer": {
+        "buffer_size": 128,
+        "buffer_type": "standard",
+        "iterations": 100,
+        "num_envs": 8,
+        "seed": 0,
+        "eval_freq": 10,
+        "num_eval_episodes": 10,
+        "save_freq": 50,
+        "exp_name": "cartpole",
+        "output_dir": "runs",
+    },
+    "algorithm": {
+        "name": "ppo",
+        "cfg": {
+            "learning_rate": 2.5e-3,
+            "lr_schedule": "linear",
+            "gamma": 0.99,
+            "gae_lambda": 0.95,
+            "n_epochs": 4,
+            "batch_size": 256,
+            "clip_coef": 0.2,
+            "ent_coef": 0.01,
+            "vf_coef": 0.5,
+            "max_grad_norm": 0.5,
+        },
+    },
+    "policy": {"name": "actor_critic", "hidden_sizes": [64, 64], "activation": "tanh"},
+    "env": {"name": "CartPole-v1"},
+}
+
+
+# ---------------------------------------------------------------------------- docs
+
+
+def schema_markdown() -> str:
+    """Markdown reference of every field (docs/config.md is generated from this)."""
+    lines = ["| field | type | default | meaning |", "| --- | --- | --- | --- |"]
+
+    def walk(prefix: str, schema: dict) -> None:
+        for key, spec in schema.items():
+            path = f"{prefix}.{key}" if prefix else key
+            if spec == FREE:
+                if path == "env":
+                    for k, doc in ENV_DOC.items():
+                        lines.append(f"| `env.{k}` | | | {doc} |")
+                else:
+                    lines.append(f"| `{path}` | object | {{}} | passed to the model class's constructor |")
+            elif isinstance(spec, dict):
+                walk(path, spec)
+            else:
+                rule = f" ({spec.rule})" if spec.rule else ""
+                lines.append(f"| `{path}` | {_type_name(spec.kind)} | `{json.dumps(spec.default)}` | {spec.doc}{rule} |")
+
+    walk("", SCHEMA)
+    return "\n".join(lines) + "\n"

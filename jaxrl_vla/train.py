@@ -1,0 +1,67 @@
+"""`python -m jaxrl_vla.train --config configs/cartpole.json`: the training CLI.
+
+Exit codes: 0 finished, 2 bad configuration or arguments (nothing written),
+130 interrupted by Ctrl-C (after writing a final checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from jaxrl_vla.config import ConfigError, apply_overrides, load_config, resolve
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jaxrl_vla.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="JSON (comments allowed) or YAML config; default: the embedded CartPole config")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field, e.g. --set algorithm.cfg.learning_rate=1e-4 (repeatable)")
+    parser.add_argument("--output-dir", help="parent directory for the run directory (trainer.output_dir)")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    parser.add_argument("--total-timesteps", type=int, help="train for this many env steps (overrides trainer.iterations)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def resolve_run_config(args: argparse.Namespace) -> dict:
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"trainer.output_dir={args.output_dir}")
+    if args.no_progress:
+        overrides.append("trainer.progress=false")
+    if args.resume:
+        run_dir = Path(args.resume)
+        saved = run_dir / "config.json"
+        if not saved.is_file():
+            raise ConfigError(f"--resume {run_dir}: no config.json there (is it a run directory?)")
+        if not (run_dir / "checkpoints").is_dir():
+            raise ConfigError(f"--resume {run_dir}: no checkpoints/ directory to resume from")
+        raw = json.loads(saved.read_text())
+        if args.config:
+            raise ConfigError("--resume uses the run's own config.json; drop --config (use --set to change fields)")
+        return resolve(apply_overrides(raw, overrides))
+    return load_config(args.config, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.total_timesteps is not None and args.total_timesteps <= 0:
+        print("error: --total-timesteps must be > 0", file=sys.stderr)
+        return 2
+    try:
+        cfg = resolve_run_config(args)
+        from jaxrl_vla.build import build_trainer
+
+        trainer = build_trainer(cfg)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    trainer.train(total_timesteps=args.total_timesteps, resume=args.resume)
+    return 130 if getattr(trainer, "interrupted", False) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
