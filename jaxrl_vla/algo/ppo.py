@@ -248,7 +248,7 @@ def update(
             jax.tree_util.tree_map(keep_old, new_params, state.params),
             jax.tree_util.tree_map(keep_old, new_opt_state, state.opt_state),
         )
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["applied"] = 1.0 - stopped.astype(jnp.float32)
         return (new_state, stopped), metrics
 
