@@ -166,10 +166,6 @@ def _strip_json_comments(text: str) -> str:
     return "".join(out)
 
 
-def _strip_trailing_commas(text: str) -> str:
-    return re.sub(r",(\s*[}\]])", r"\1", text)
-
-
 def read_config_file(path: str | Path) -> dict:
     """Parse a JSON (with comments) or YAML file; errors name the file and line."""
     path = Path(path)
@@ -180,7 +176,7 @@ def read_config_file(path: str | Path) -> dict:
         if path.suffix.lower() in (".yaml", ".yml"):
             data = yaml.safe_load(text)
         else:
-            data = json.loads(_strip_trailing_commas(_strip_json_comments(text)))
+            data = json.loads(_strip_json_comments(text))
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
     except json.JSONDecodeError as err:
@@ -290,10 +286,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise ConfigError(f"--set {text!r}: empty key")
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError:
-        parsed = value
+    parsed: Any = value
+    if value.strip():
+        try:  # JSON first: YAML 1.1 reads "1e-4" as a string
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            try:
+                parsed = yaml.safe_load(value)
+            except yaml.YAMLError:
+                parsed = value
     return parts, parsed
 
 

@@ -43,18 +43,18 @@ def init(example_step: PyTree, num_steps: int) -> RolloutState:
 
 
 def _check_like(expected: PyTree, got: PyTree, what: str, leading: int) -> None:
-    """Shape/dtype check at trace time, naming the offending leaf."""
+    """Shape/dtype check at trace time, naming the offending leaf.
+
+    `leading` axes of the stored data are not in `got` (1 for a single step).
+    """
     exp_leaves = jax.tree_util.tree_leaves_with_path(expected)
     got_leaves = jax.tree_util.tree_leaves_with_path(got)
     if len(exp_leaves) != len(got_leaves):
         raise ValueError(f"{what}: expected {len(exp_leaves)} fields, got {len(got_leaves)}")
     for (path, e), (_, g) in zip(exp_leaves, got_leaves):
         name = jax.tree_util.keystr(path)
-        if e.shape[leading:] != g.shape[leading:] or e.dtype != g.dtype:
-            raise ValueError(
-                f"{what}: field {name} has shape {g.shape} {g.dtype}, expected "
-                f"{e.shape[leading:]} {e.dtype} after the leading axes"
-            )
+        if e.shape[leading:] != g.shape or e.dtype != g.dtype:
+            raise ValueError(f"{what}: field {name} has shape {g.shape} {g.dtype}, expected {e.shape[leading:]} {e.dtype}")
 
 
 def add(state: RolloutState, rollout: PyTree) -> RolloutState:
