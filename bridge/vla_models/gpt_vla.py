@@ -99,7 +99,9 @@ class GPTVLAModel(nn.Module):
         if _has(obs, "language"):
             ids = obs["language"].long()
             tokens.append(self.language.wte(ids))
-            lang_mask = obs["language_mask"].bool() if _has(obs, "language_mask") else torch.ones_like(ids, dtype=torch.bool)
+            lang_mask = (
+                obs["language_mask"].bool() if _has(obs, "language_mask") else torch.ones_like(ids, dtype=torch.bool)
+            )
             masks.append(lang_mask)
         seq, mask = torch.cat(tokens, dim=1), torch.cat(masks, dim=1)
         hidden = self.language(inputs_embeds=seq, attention_mask=mask.long()).last_hidden_state

@@ -165,7 +165,9 @@ class GPT2Block(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        x = x + GPT2Attention(self.config, self.dtype, name="attn")(_layer_norm(self.config, "ln_1", self.dtype)(x), mask)
+        x = x + GPT2Attention(self.config, self.dtype, name="attn")(
+            _layer_norm(self.config, "ln_1", self.dtype)(x), mask
+        )
         return x + GPT2MLP(self.config, self.dtype, name="mlp")(_layer_norm(self.config, "ln_2", self.dtype)(x))
 
 

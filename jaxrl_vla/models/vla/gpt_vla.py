@@ -103,7 +103,9 @@ class VLAModelConfig:
             )
 
     @classmethod
-    def from_dict(cls, model_config: Mapping[str, Any] | "VLAModelConfig" | None = None, **overrides: Any) -> "VLAModelConfig":
+    def from_dict(
+        cls, model_config: Mapping[str, Any] | "VLAModelConfig" | None = None, **overrides: Any
+    ) -> "VLAModelConfig":
         """Build from the seed's `vla_config.model_config` dict; unknown keys are an error, not ignored."""
         if isinstance(model_config, VLAModelConfig):
             model_config = model_config.to_dict()

@@ -23,7 +23,7 @@ Conventions that matter for parity with torch:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -74,8 +74,12 @@ class ResNetConfig:
 
 
 RESNET_PRESETS: dict[str, ResNetConfig] = {
-    "resnet18": ResNetConfig(embedding_size=64, hidden_sizes=(64, 128, 256, 512), depths=(2, 2, 2, 2), layer_type="basic"),
-    "resnet34": ResNetConfig(embedding_size=64, hidden_sizes=(64, 128, 256, 512), depths=(3, 4, 6, 3), layer_type="basic"),
+    "resnet18": ResNetConfig(
+        embedding_size=64, hidden_sizes=(64, 128, 256, 512), depths=(2, 2, 2, 2), layer_type="basic"
+    ),
+    "resnet34": ResNetConfig(
+        embedding_size=64, hidden_sizes=(64, 128, 256, 512), depths=(3, 4, 6, 3), layer_type="basic"
+    ),
     "resnet50": ResNetConfig(
         embedding_size=64, hidden_sizes=(256, 512, 1024, 2048), depths=(3, 4, 6, 3), layer_type="bottleneck"
     ),
@@ -261,7 +265,11 @@ class ResNetEmbeddings(nn.Module):
                 f"{self.config.num_channels}"
             )
         x = ResNetConvLayer(
-            self.config.embedding_size, kernel_size=7, stride=2, activation=self.config.hidden_act, dtype=self.dtype,
+            self.config.embedding_size,
+            kernel_size=7,
+            stride=2,
+            activation=self.config.hidden_act,
+            dtype=self.dtype,
             name="embedder",
         )(pixel_values)
         return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
