@@ -78,6 +78,7 @@ class GPTVLAModel(nn.Module):
             self.vision.requires_grad_(False)
         if cfg.freeze_language_model:
             self.language.requires_grad_(False)
+        self.train(self.training)  # a fresh module is in training mode: put BatchNorm on running stats now
 
     def train(self, mode: bool = True) -> "GPTVLAModel":
         """Switch modes but keep BatchNorm on its running statistics (see class docstring)."""

@@ -1,0 +1,168 @@
+"""VLAPolicy: any Flax model meeting the VLA model protocol, as a Policy.
+
+The VLA model protocol (the seed's VLAModelInterface, in Flax): a
+`flax.linen.Module` whose `__call__(obs)` returns `(dist, value)`, where obs is
+a dict with keys like "rgb" [B,H,W,3] uint8, "depth", "proprio" [B,P],
+"language" [B,L] int32 and "language_mask" [B,L] bool; `dist` is a
+DiagGaussian over actions [B, A] (or [B, H, A] for chunks of H actions) and
+value is [B] (or [B, 1]). Models usually also offer the seed's methods
+`forward(obs)`, `get_value(obs)` and `evaluate_actions(obs, actions)`; the
+built-in `jaxrl_vla.models.vla.GPTVLAModel` does.
+
+VLAPolicy adapts such a model to the Policy contract of
+`jaxrl_vla.models.policy` (value [B]; for chunks value [B, H], one per chunk
+step, all from the chunk's first observation), so the Trainer, both buffers
+and both modes use it exactly like ActorCritic.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+from flax import traverse_util
+
+from jaxrl_vla.config import ConfigError
+
+MODEL = "model"  # the wrapped model's scope name inside the policy's variables
+
+
+class VLAPolicy(nn.Module):
+    model: nn.Module
+
+    @property
+    def action_chunk(self) -> int:
+        return int(getattr(self.model, "action_chunk", 1))
+
+    @nn.compact
+    def __call__(self, obs: Any):
+        dist, value = self.model(obs)  # flax names the submodule "model"
+        value = value.reshape(value.shape[0]).astype(jnp.float32)
+        if dist.mean.ndim == 3:  # a chunk [B, H, A]: one value per chunk step
+            value = jnp.broadcast_to(value[:, None], dist.mean.shape[:2])
+        return dist, value
+
+
+def wrap_variables(model_variables: dict) -> dict:
+    """Model variables {collection: tree} -> VLAPolicy variables {collection: {"model": tree}}."""
+    return {collection: {MODEL: tree} for collection, tree in model_variables.items()}
+
+
+def unwrap_variables(policy_variables: dict) -> dict:
+    """The inverse of `wrap_variables` (what `bridge.export_to_torch` takes)."""
+    return {collection: tree[MODEL] for collection, tree in policy_variables.items()}
+
+
+def owned_copy(tree: Any) -> Any:
+    """Copy every array into JAX-owned memory.
+
+    Weights imported over DLPack share memory with torch tensors; the Trainer
+    donates its state to each jitted iteration, and donating borrowed memory
+    would let XLA write into (or free) torch's buffers.
+    """
+    return jax.tree_util.tree_map(jnp.copy, tree)
+
+
+def trainable_mask(variables: dict, freeze_prefixes: list[str]) -> dict:
+    """True for parameters the optimiser may change.
+
+    Non-"params" collections (BatchNorm running statistics) are always frozen;
+    a "params" leaf is frozen when its path inside the model ("vision/...",
+    "language/h_0/...") starts with one of `freeze_prefixes`.
+    """
+    flat = traverse_util.flatten_dict(variables, sep="/")
+    mask = {}
+    for path, _ in flat.items():
+        collection, _, rest = path.partition("/")
+        inner = rest.removeprefix(MODEL + "/")
+        frozen = collection != "params" or any(inner == p or inner.startswith(p.rstrip("/") + "/") for p in freeze_prefixes)
+        mask[path] = not frozen
+    return traverse_util.unflatten_dict(mask, sep="/")
+
+
+def freeze_prefixes(policy_cfg: dict, model_config: dict) -> list[str]:
+    prefixes = list(policy_cfg.get("freeze", []))
+    if model_config.get("freeze_vision_encoder"):
+        prefixes.append("vision")
+    if model_config.get("freeze_language_model"):
+        prefixes.append("language")
+    return prefixes
+
+
+def _check_action_dim(policy_cfg: dict, model_config: dict, env: Any) -> None:
+    env_dim = env.action_space.shape[0] if getattr(env.action_space, "shape", ()) else None
+    model_dim = model_config.get("action_dim")
+    if env_dim is None:
+        raise ConfigError("policy.name 'vla': the env's actions must be continuous (a Box)")
+    if model_dim is not None and model_dim != env_dim:
+        raise ConfigError(f"policy.vla_config.model_config.action_dim ({model_dim}) != the env's action dimension ({env_dim})")
+    if policy_cfg.get("action_dim") is not None and policy_cfg["action_dim"] != env_dim:
+        raise ConfigError(f"policy.action_dim ({policy_cfg['action_dim']}) != the env's action dimension ({env_dim})")
+
+
+def _check_freeze_paths(variables: dict, prefixes: list[str]) -> None:
+    params = traverse_util.flatten_dict(variables.get("params", {}), sep="/")
+    inner = [p.removeprefix(MODEL + "/") for p in params]
+    for prefix in prefixes:
+        if not any(p == prefix or p.startswith(prefix.rstrip("/") + "/") for p in inner):
+            tops = sorted({p.split("/")[0] for p in inner})
+            raise ConfigError(f"policy.freeze: {prefix!r} matches no parameter; top-level paths: {', '.join(tops)}")
+
+
+def build_vla_policy(policy_cfg: dict, env: Any) -> tuple[VLAPolicy, dict, dict | None]:
+    """(policy, initial variables, trainable mask) from the seed's `policy` section.
+
+    With `vla_config.model_path` the weights come from the torch checkpoint via
+    `bridge.load_vla_model`; without it the Flax twin starts from random
+    weights (the from-scratch baseline). `policy.dtype` "bfloat16" runs the
+    trunks in bf16 while keeping float32 master weights and heads.
+    """
+    vla = policy_cfg["vla_config"]
+    model_config = dict(vla.get("model_config") or {})
+    if policy_cfg.get("action_chunk", 1) != 1:
+        model_config.setdefault("action_chunk", policy_cfg["action_chunk"])
+        if model_config["action_chunk"] != policy_cfg["action_chunk"]:
+            raise ConfigError("policy.action_chunk differs from policy.vla_config.model_config.action_chunk")
+    _check_action_dim(policy_cfg, model_config, env)
+    dtype = jnp.bfloat16 if policy_cfg.get("dtype") == "bfloat16" else jnp.float32
+    path = vla.get("model_path")
+    if path:
+        from pathlib import Path
+
+        if not Path(path).is_file():
+            hint = f"; create it with: {vla['make_checkpoint']}" if vla.get("make_checkpoint") else ""
+            raise ConfigError(f"policy.vla_config.model_path: {path} does not exist{hint}")
+        import bridge
+
+        try:
+            model, variables = bridge.load_vla_model(path, vla["model_class"], model_config)
+        except (ValueError, ImportError) as err:
+            raise ConfigError(f"policy.vla_config: {err}") from None
+        variables = owned_copy(variables)
+    else:
+        model, variables = _random_twin(vla["model_class"], model_config)
+    if dtype != jnp.float32:
+        model = model.clone(dtype=dtype)
+    policy = VLAPolicy(model)
+    variables = wrap_variables(variables)
+    prefixes = freeze_prefixes(policy_cfg, model_config)
+    _check_freeze_paths(variables, prefixes)
+    return policy, variables, trainable_mask(variables, prefixes)
+
+
+def _random_twin(model_class: str, model_config: dict) -> tuple[nn.Module, dict]:
+    """The built-in Flax twin with random weights (no torch needed)."""
+    if model_class.rsplit(".", 1)[-1] != "GPTVLAModel":
+        raise ConfigError(
+            f"policy.vla_config.model_path: required for {model_class} (random init is built in only for GPTVLAModel)"
+        )
+    from jaxrl_vla.models.vla import GPTVLAModel, VLAModelConfig, dummy_obs
+
+    try:
+        cfg = VLAModelConfig.from_dict(model_config)
+    except ValueError as err:
+        raise ConfigError(f"policy.vla_config.model_config: {err}") from None
+    model = GPTVLAModel(cfg)
+    return model, model.init(jax.random.PRNGKey(0), dummy_obs(cfg, 1))

@@ -1,0 +1,127 @@
+"""VLAPolicy: the Policy contract, freezing, chunks, bf16, loading from torch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from jaxrl_vla.algo import ppo
+from jaxrl_vla.config import ConfigError
+from jaxrl_vla.envs.base import Box
+from jaxrl_vla.models.vla_policy import build_vla_policy, unwrap_variables
+from jaxrl_vla.types import Batch
+
+TINY = {
+    "vision_encoder": "tiny", "language_model": "tiny", "vocab_size": 32, "max_instruction_length": 6,
+    "action_dim": 2, "proprio_dim": 4, "image_size": 32, "value_hidden_dim": 16,
+}
+
+
+class FakeEnv:
+    action_space = Box(-1.0, 1.0, (2,))
+
+
+def policy_cfg(**kw):
+    cfg = {"name": "vla", "action_chunk": 1, "action_dim": None, "dtype": "float32", "freeze": [],
+           "vla_config": {"model_path": None, "model_class": "bridge.vla_models.GPTVLAModel",
+                          "model_config": dict(TINY), "make_checkpoint": None}}
+    cfg.update(kw)
+    return cfg
+
+
+def obs(batch=4, key=0):
+    k = jax.random.split(jax.random.PRNGKey(key), 3)
+    return {
+        "rgb": jax.random.randint(k[0], (batch, 32, 32, 3), 0, 255).astype(jnp.uint8),
+        "proprio": jax.random.normal(k[1], (batch, 4)),
+        "language": jax.random.randint(k[2], (batch, 6), 2, 32),
+        "language_mask": jnp.ones((batch, 6), bool).at[:, 4:].set(False),
+    }
+
+
+def random_batch(policy, params, n=8):
+    o = obs(n)
+    dist, value = policy.apply(params, o)
+    action = dist.sample(jax.random.PRNGKey(1))
+    return Batch(o, action, dist.log_prob(action), value, jax.random.normal(jax.random.PRNGKey(2), (n,)),
+                 value + 1.0, jnp.zeros((n,), jnp.int32))
+
+
+def test_policy_contract_value_shape_and_action_dim():
+    policy, params, mask = build_vla_policy(policy_cfg(), FakeEnv())
+    dist, value = policy.apply(params, obs())
+    assert dist.mean.shape == (4, 2) and value.shape == (4,)
+    assert set(params) == {"params", "batch_stats"}
+
+
+def test_chunks_give_one_value_per_chunk_step():
+    cfg = policy_cfg(action_chunk=3)
+    policy, params, _ = build_vla_policy(cfg, FakeEnv())
+    dist, value = policy.apply(params, obs())
+    assert dist.mean.shape == (4, 3, 2) and value.shape == (4, 3)
+    assert policy.action_chunk == 3
+
+
+def test_frozen_vision_and_batch_stats_stay_bit_identical_after_updates():
+    cfg = policy_cfg(freeze=["language/h_0"])
+    cfg["vla_config"]["model_config"]["freeze_vision_encoder"] = True
+    policy, params, mask = build_vla_policy(cfg, FakeEnv())
+    batch = random_batch(policy, params)
+    algo = ppo.PPOConfig(n_epochs=2, batch_size=4, learning_rate=1e-2)
+    opt = ppo.make_optimizer(algo, 10, mask)
+    new, _, _ = jax.jit(lambda p, s: ppo.update(p, s, batch, jax.random.PRNGKey(0), apply_fn=policy.apply,
+                                                 optimizer=opt, cfg=algo))(params, opt.init(params))
+    before, after = traverse_util.flatten_dict(params, sep="/"), traverse_util.flatten_dict(new, sep="/")
+    changed = {k for k in before if not np.array_equal(np.asarray(before[k]), np.asarray(after[k]))}
+    assert not any(k.startswith("params/model/vision/") for k in changed)
+    assert not any(k.startswith("params/model/language/h_0/") for k in changed)
+    assert not any(k.startswith("batch_stats/") for k in changed)
+    assert any(k.startswith("params/model/action_mean/") for k in changed)
+    assert any(k.startswith("params/model/language/h_1/") for k in changed)
+
+
+def test_bfloat16_trunks_give_finite_float32_outputs():
+    policy, params, _ = build_vla_policy(policy_cfg(dtype="bfloat16"), FakeEnv())
+    dist, value = policy.apply(params, obs())
+    assert value.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(dist.mean)))
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"freeze": ["visoin"]}, "policy.freeze: 'visoin' matches no parameter"),
+    ({"action_dim": 7}, "policy.action_dim (7) != the env's action dimension (2)"),
+])
+def test_bad_policy_config_names_the_field(change, message):
+    with pytest.raises(ConfigError) as err:
+        build_vla_policy(policy_cfg(**change), FakeEnv())
+    assert message in str(err.value)
+
+
+def test_missing_checkpoint_names_the_command_that_makes_it(tmp_path):
+    cfg = policy_cfg()
+    cfg["vla_config"].update(model_path=str(tmp_path / "vla.pt"), make_checkpoint="python -m bridge.pretrain_bc")
+    with pytest.raises(ConfigError, match="vla.pt does not exist; create it with: python -m bridge.pretrain_bc"):
+        build_vla_policy(cfg, FakeEnv())
+
+
+def test_loading_a_torch_checkpoint_gives_owned_copies_of_its_weights(tmp_path):
+    torch = pytest.importorskip("torch")
+    from bridge.vla_models import GPTVLAModel as TorchVLA
+
+    torch.manual_seed(0)
+    model = TorchVLA(dict(TINY))  # training mode: BatchNorm must still use running stats
+    path = tmp_path / "vla.pt"
+    torch.save(model.state_dict(), path)
+    cfg = policy_cfg()
+    cfg["vla_config"]["model_path"] = str(path)
+    policy, params, _ = build_vla_policy(cfg, FakeEnv())
+    inner = unwrap_variables(params)
+    log_std = inner["params"]["log_std"]
+    np.testing.assert_array_equal(np.asarray(log_std), model.log_std.detach().numpy())
+    kernel = inner["params"]["action_mean"]["kernel"]
+    np.testing.assert_array_equal(np.asarray(kernel), model.action_mean.weight.detach().numpy().T)
+    # the policy's torch twin gives the same action means
+    o = obs(2)
+    with torch.no_grad():
+        torch_mean = model.forward({k: torch.from_numpy(np.array(v)) for k, v in o.items()}).numpy()
+    np.testing.assert_allclose(np.asarray(policy.apply(params, o)[0].mean), torch_mean, atol=1e-4)
