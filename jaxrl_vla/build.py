@@ -62,9 +62,19 @@ def build_env(env_cfg: dict) -> Any:
         raise ConfigError(f"env: {name} rejected its arguments: {err}") from None
 
 
+INTEGER_FIELDS = ("n_epochs", "batch_size")
+
+
 def build_algorithm(algo_cfg: dict) -> PPOConfig:
-    cfg = algo_cfg["cfg"]
-    return PPOConfig(**{k: (float(v) if isinstance(v, int) and not isinstance(v, bool) and k not in ("n_epochs", "batch_size") else v) for k, v in cfg.items()})
+    """PPOConfig from `algorithm.cfg`; JSON integers in float fields become floats
+    (so `"gamma": 1` and `"gamma": 1.0` trace to the same program)."""
+
+    def as_field(name: str, value: Any) -> Any:
+        if name in INTEGER_FIELDS or isinstance(value, (bool, str)) or value is None:
+            return value
+        return float(value)
+
+    return PPOConfig(**{name: as_field(name, value) for name, value in algo_cfg["cfg"].items()})
 
 
 def build_policy(policy_cfg: dict, env: Any) -> tuple[Any, Any, Any]:
