@@ -225,8 +225,10 @@ class Trainer:
         previous_handler = self._install_sigint()
         interrupted = False
         try:
+            self._start_workers(start)
             interrupted = self._loop(start, total_iterations, logger, checkpointer)
         finally:
+            self._stop_workers()
             jax.block_until_ready(self.state)
             checkpointer.save(int(self.state.iteration), self.state, {"config": self.config})
             checkpointer.close()
@@ -246,8 +248,10 @@ class Trainer:
             if self._stop.is_set():
                 return True
             t0 = time.perf_counter()
-            new_state, metrics, episodes = self._iteration(self.state)
-            metrics, episodes = jax.device_get((metrics, episodes))
+            result = self._run_iteration()
+            if result is None:  # a stop request ended the iteration early
+                return True
+            new_state, metrics, episodes = result
             elapsed = time.perf_counter() - t0
             self.state = new_state
             record = {
@@ -270,6 +274,22 @@ class Trainer:
                 checkpointer.save(it + 1, self.state, {"config": self.config})
         self.final_eval = last_eval
         return False
+
+    def _run_iteration(self) -> tuple[TrainState, dict, EpisodeStats] | None:
+        """One collect + learn step -> (new state, host metrics, host EpisodeStats).
+
+        None means a stop request ended it before it finished. The async trainer
+        overrides this (collectors feed it); standard mode runs one jitted call.
+        """
+        new_state, metrics, episodes = self._iteration(self.state)
+        metrics, episodes = jax.device_get((metrics, episodes))
+        return new_state, metrics, episodes
+
+    def _start_workers(self, start_iteration: int) -> None:
+        """Hook: start background work before the loop (the async trainer's collectors)."""
+
+    def _stop_workers(self) -> None:
+        """Hook: stop and join background work; runs even when the loop raised."""
 
     def request_stop(self) -> None:
         """Finish the current iteration, checkpoint and return (what Ctrl-C does)."""

@@ -1,0 +1,303 @@
+"""Environments that run on the host, outside JAX: the protocol and two adapters.
+
+Why a second env protocol: simulators, real robots, gymnasium and TorchRL envs
+cannot be traced by JAX. The async (VLA) trainer steps them from a host thread,
+and the standard trainer steps them in its main loop; both speak only this
+protocol, so adding a new kind of env means writing one adapter.
+
+The protocol (numpy in, numpy out)
+----------------------------------
+A *spec* describes the env and builds vectorised instances:
+
+    spec.is_host_env          True (build.py routes such envs to AsyncTrainer)
+    spec.observation_space    jaxrl_vla.envs.base Box / Discrete, or a dict of them
+    spec.action_space         Box or Discrete
+    spec.max_episode_steps    int (bounds evaluation episodes)
+    spec.reports_success      bool: step infos carry "success" at episode ends
+    spec.make(num_envs, seed) -> HostVecEnv
+
+A `HostVecEnv` holds N auto-resetting copies; every array has the leading N axis:
+
+    obs = env.reset(seed=None)                 # None: the seed given to make; pytree of np.ndarray [N, ...]
+    obs, reward, terminated, truncated, info = env.step(actions)   # actions [N, ...]
+    env.close()
+
+    reward      float32 [N]
+    terminated  bool [N]  true end of the episode: no bootstrap
+    truncated   bool [N]  time limit: the learner bootstraps V(final_obs); both may be
+                          true on the same step, then terminated wins
+    obs         for a copy that finished this step, already the FIRST observation
+                of its next episode (auto-reset in the same step)
+    info["final_obs"]  pytree like obs [N, ...]: the observation that ended the
+                       episode where terminated | truncated (any value elsewhere)
+    info["success"]    optional bool [N], meaningful where the episode ended
+
+Observations are numpy with the dtypes of `observation_space` (float32 for
+real-valued boxes: JAX runs without x64). `step` may block (a real robot); the
+async trainer fails the run with a clear error after `trainer.env_step_timeout`
+seconds. One instance is only ever stepped by one thread.
+
+The torch bridge implements the same protocol for TorchRL / TensorDict envs
+(TensorDict leaves become nested dicts of numpy arrays, or "/"-joined keys).
+
+Adapters here
+-------------
+`make_gymnasium_env(name, **kwargs)` -> `GymnasiumEnv`: gymnasium's synchronous
+vector env with `autoreset_mode=SAME_STEP` (the final observation is kept in
+info and the reset observation returned, matching this protocol); Box actions
+are clipped to the space's bounds before stepping (the transition keeps the
+sampled action, whose log-prob PPO re-scores).
+
+`JaxHostEnv(env)` runs a JAX-native `Env` on the host through its jitted
+`VecEnv` step, so every JAX env also works with the async collector.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import jax
+import numpy as np
+
+from jaxrl_vla.envs.base import Box, Discrete, Env
+from jaxrl_vla.envs.wrappers import VecEnv
+
+PyTree = Any
+StepResult = tuple[PyTree, np.ndarray, np.ndarray, np.ndarray, dict]
+
+
+@runtime_checkable
+class HostVecEnv(Protocol):
+    """N auto-resetting env copies stepped with numpy arrays (see module docstring)."""
+
+    num_envs: int
+
+    def reset(self, seed: int | None = None) -> PyTree: ...
+
+    def step(self, actions: np.ndarray) -> StepResult: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class HostEnvSpec(Protocol):
+    """Describes a host env and makes vectorised instances (see module docstring)."""
+
+    is_host_env: bool
+    observation_space: Any
+    action_space: Any
+    max_episode_steps: int
+    reports_success: bool
+
+    def make(self, num_envs: int, seed: int) -> HostVecEnv: ...
+
+
+def is_host_env(env: Any) -> bool:
+    return bool(getattr(env, "is_host_env", False))
+
+
+# --------------------------------------------------------------------------- gymnasium
+
+
+def _bound(values: np.ndarray) -> float | tuple:
+    """A Box bound as Box wants it: one float when uniform, else a nested tuple."""
+    flat = np.asarray(values, np.float64)
+    if flat.size and np.all(flat == flat.flat[0]):
+        return float(flat.flat[0])
+
+    def to_tuple(x: Any) -> Any:
+        return tuple(to_tuple(v) for v in x) if isinstance(x, list) else float(x)
+
+    return to_tuple(flat.tolist())
+
+
+def convert_space(space: Any) -> Any:
+    """gymnasium Discrete / Box / Dict -> jaxrl_vla Discrete / Box / dict of them."""
+    import gymnasium as gym
+
+    if isinstance(space, gym.spaces.Discrete):
+        if int(space.start) != 0:
+            raise ValueError(f"gymnasium Discrete spaces must start at 0, got start={space.start}")
+        return Discrete(int(space.n))
+    if isinstance(space, gym.spaces.Box):
+        dtype = np.float32 if np.issubdtype(space.dtype, np.floating) else np.dtype(space.dtype)
+        return Box(_bound(space.low), _bound(space.high), tuple(space.shape), dtype)
+    if isinstance(space, gym.spaces.Dict):
+        return {key: convert_space(sub) for key, sub in space.spaces.items()}
+    raise ValueError(f"unsupported gymnasium space {space!r}: use Discrete, Box or Dict")
+
+
+def _cast_like_space(x: Any, space: Any) -> Any:
+    """Observation leaves in the dtypes of the converted space (float64 -> float32)."""
+    if isinstance(space, dict):
+        return {key: _cast_like_space(x[key], sub) for key, sub in space.items()}
+    return np.asarray(x, dtype=space.dtype)
+
+
+def _stack_final_obs(obs: PyTree, final_obs: np.ndarray | None, done: np.ndarray) -> PyTree:
+    """Full [N, ...] final observations: gymnasium's per-env objects where done, `obs` elsewhere."""
+    out = jax.tree_util.tree_map(np.array, obs)  # a private copy to write into
+    if final_obs is None:
+        return out
+    for i in np.flatnonzero(done):
+
+        def put(dst: np.ndarray, src: Any, i: int = i) -> None:
+            dst[i] = src
+
+        jax.tree_util.tree_map(put, out, final_obs[i])
+    return out
+
+
+def _episode_success(info: dict, done: np.ndarray) -> np.ndarray | None:
+    """Success flags at episode ends (gymnasium moves the last info to "final_info")."""
+    final_info = info.get("final_info", {})
+    for key in ("success", "is_success"):
+        if key in final_info:
+            mask = final_info.get(f"_{key}", done)
+            return np.logical_and(np.asarray(final_info[key], bool), np.logical_and(mask, done))
+    return None
+
+
+class GymnasiumVecEnv:
+    """`HostVecEnv` over `gymnasium.make_vec(..., vectorization_mode="sync")`, SAME_STEP autoreset."""
+
+    def __init__(self, name: str, num_envs: int, seed: int, observation_space: Any, action_space: Any, kwargs: dict):
+        import gymnasium as gym
+
+        self.num_envs = int(num_envs)
+        self.seed = int(seed)
+        self._observation_space = observation_space
+        self._action_space = action_space
+        self._env = gym.make_vec(
+            name,
+            num_envs=self.num_envs,
+            vectorization_mode="sync",
+            vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP},
+            **kwargs,
+        )
+
+    def reset(self, seed: int | None = None) -> PyTree:
+        obs, _ = self._env.reset(seed=self.seed if seed is None else seed)
+        return _cast_like_space(obs, self._observation_space)
+
+    def _env_actions(self, actions: np.ndarray) -> np.ndarray:
+        actions = np.asarray(actions)
+        if isinstance(self._action_space, Box):
+            return np.clip(actions, self._action_space.low, self._action_space.high)
+        return actions.astype(np.int64)
+
+    def step(self, actions: np.ndarray) -> StepResult:
+        obs, reward, terminated, truncated, info = self._env.step(self._env_actions(actions))
+        obs = _cast_like_space(obs, self._observation_space)
+        terminated = np.asarray(terminated, bool)
+        truncated = np.asarray(truncated, bool)
+        done = np.logical_or(terminated, truncated)
+        out_info = {"final_obs": _cast_like_space(_stack_final_obs(obs, info.get("final_obs"), done), self._observation_space)}
+        success = _episode_success(info, done)
+        if success is not None:
+            out_info["success"] = success
+        return obs, np.asarray(reward, np.float32), terminated, truncated, out_info
+
+    def close(self) -> None:
+        self._env.close()
+
+
+class GymnasiumEnv:
+    """`HostEnvSpec` for a registered gymnasium id; `make` builds `GymnasiumVecEnv`s."""
+
+    is_host_env = True
+
+    def __init__(self, name: str, **kwargs: Any):
+        import gymnasium as gym
+
+        try:
+            probe = gym.make(name, **kwargs)
+        except gym.error.Error as err:
+            raise ValueError(f"env.name: gymnasium cannot make {name!r}: {err}") from None
+        try:
+            self.observation_space = convert_space(probe.observation_space)
+            self.action_space = convert_space(probe.action_space)
+            steps = probe.spec.max_episode_steps if probe.spec is not None else None
+        finally:
+            probe.close()
+        self.name = name
+        self.kwargs = kwargs
+        self.max_episode_steps = int(steps) if steps else 1000
+        self.reports_success = False  # success_rate is logged whenever infos carry it
+
+    def make(self, num_envs: int, seed: int) -> GymnasiumVecEnv:
+        return GymnasiumVecEnv(self.name, num_envs, seed, self.observation_space, self.action_space, dict(self.kwargs))
+
+    def __repr__(self) -> str:
+        return f"GymnasiumEnv({self.name!r})"
+
+
+def make_gymnasium_env(name: str, **kwargs: Any) -> GymnasiumEnv:
+    """The spec of gymnasium env `name` (kwargs go to `gymnasium.make_vec`, i.e. the env)."""
+    return GymnasiumEnv(name, **kwargs)
+
+
+# --------------------------------------------------------------------------- JAX-native envs on the host
+
+
+class JaxHostVecEnv:
+    """`HostVecEnv` that steps a JAX-native env with the jitted `VecEnv.step`.
+
+    The env state stays on the device between steps; only what the protocol
+    returns is copied to the host.
+    """
+
+    def __init__(self, env: Env, num_envs: int, seed: int = 0):
+        self.num_envs = int(num_envs)
+        self.seed = int(seed)
+        vec_env = VecEnv(env, self.num_envs)
+        # compiled here (ahead of time) so the first step in a collector thread is
+        # not a multi-second compile that the step timeout would mistake for a hang
+        key = jax.random.PRNGKey(0)
+        self._reset = jax.jit(vec_env.reset).lower(key).compile()
+        state, _ = jax.eval_shape(vec_env.reset, key)
+        action = jax.ShapeDtypeStruct((self.num_envs,) + tuple(env.action_space.shape), env.action_space.dtype)
+        self._step = jax.jit(vec_env.step).lower(state, action).compile()
+        self._action_dtype = np.dtype(env.action_space.dtype)
+        self._state = None
+
+    def reset(self, seed: int | None = None) -> PyTree:
+        self._state, obs = self._reset(jax.random.PRNGKey(self.seed if seed is None else seed))
+        return jax.device_get(obs)
+
+    def step(self, actions: np.ndarray) -> StepResult:
+        if self._state is None:
+            raise RuntimeError("JaxHostVecEnv.step before reset")
+        self._state, ts = self._step(self._state, np.asarray(actions, self._action_dtype))
+        wanted = {"final_obs": ts.info["final_obs"]}
+        if "success" in ts.info:
+            wanted["success"] = ts.info["success"]
+        obs, reward, terminated, truncated, info = jax.device_get((ts.obs, ts.reward, ts.terminated, ts.truncated, wanted))
+        return obs, np.asarray(reward, np.float32), np.asarray(terminated, bool), np.asarray(truncated, bool), info
+
+    def close(self) -> None:
+        self._state = None
+
+
+class JaxHostEnv:
+    """`HostEnvSpec` around a JAX-native `Env` (what the async trainer uses for JAX envs)."""
+
+    is_host_env = True
+
+    def __init__(self, env: Env):
+        self.env = env
+        self.observation_space = env.observation_space
+        self.action_space = env.action_space
+        self.max_episode_steps = int(getattr(env, "max_episode_steps", 1000))
+        self.reports_success = bool(getattr(env, "reports_success", False))
+
+    def make(self, num_envs: int, seed: int) -> JaxHostVecEnv:
+        return JaxHostVecEnv(self.env, num_envs, seed)
+
+    def __repr__(self) -> str:
+        return f"JaxHostEnv({self.env!r})"
+
+
+def as_host_env(env: Any) -> HostEnvSpec:
+    """A host env spec for `env`: host specs pass through, JAX envs get `JaxHostEnv`."""
+    return env if is_host_env(env) else JaxHostEnv(env)
