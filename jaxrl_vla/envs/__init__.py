@@ -39,6 +39,7 @@ GYMNAX_PREFIX = "gymnax:"
 _REGISTRY: dict[str, str | Factory] = {
     "CartPole-v1": "jaxrl_vla.envs.cartpole:CartPole",
     "Pendulum-v1": "jaxrl_vla.envs.pendulum:Pendulum",
+    "VLReach-v0": "jaxrl_vla.envs.vl_reach:VLReach",
 }
 
 

@@ -1,0 +1,282 @@
+"""Expert demonstrations for behaviour cloning, collected entirely in JAX.
+
+    python -m jaxrl_vla.tasks.demos --out demos/vl_reach.npz --episodes 2000 --seed 0
+
+Each episode runs the env's privileged scripted expert (`env.expert_action`)
+from its own reset; all episodes of a batch step together under `vmap` and the
+time loop is a `lax.scan`, so collection is one jitted call per batch. Episode
+e uses keys folded from (seed, e) alone, so the file is identical whatever the
+batch size, and identical across runs with the same seed on the same backend.
+
+DART-style noise (Laskey et al. 2017), `--noise-std` (default 0.1): the env
+executes expert + N(0, noise_std^2) (clipped to the action box), while the
+recorded label `action` stays the expert's clean action at the state actually
+visited. The demonstrations then cover the small deviations a cloned policy
+makes and show how to recover from them, which plain expert trajectories
+never visit. 0 gives pure expert rollouts.
+
+File format (np.savez_compressed; every step array has the same first axis N,
+steps stored episode by episode in time order):
+
+  observation keys, exactly as the env emits them (what the VLA consumes):
+    rgb             uint8   [N, H, W, 3]
+    depth           float32 [N, H, W, 1]   only if the env was made with use_depth
+    proprio         float32 [N, P]
+    language        int32   [N, L]         ids of the `vocab` below
+    language_mask   bool    [N, L]
+  action            float32 [N, A]  the expert's label: the behaviour-cloning target
+  executed_action   float32 [N, A]  what the env executed (label + noise, clipped)
+  reward            float32 [N]
+  terminated        bool    [N]
+  truncated         bool    [N]
+  success           bool    [N]     info["success"] of the step
+  episode_id        int32   [N]     0 .. E-1
+  step              int32   [N]     index of the step within its episode
+  episode_success   bool    [E]     the episode ended with success
+  episode_length    int32   [E]
+  episode_return    float32 [E]
+  env_id            str             registry id, e.g. "VLReach-v0"
+  env_kwargs        str             JSON of the env's constructor arguments (all of them,
+                                    defaults included, when the env has a config() method)
+  vocab             str     [V]     token strings by id (0 "<pad>", 1 "<unk>", ...)
+  seed              int64
+  noise_std         float64
+  format_version    int64           FORMAT_VERSION
+
+`load_demos` reads it back (metadata decoded); `observation_keys(demos)` lists
+the observation entries present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FORMAT_VERSION = 1
+OBS_KEYS = ("rgb", "depth", "proprio", "language", "language_mask")
+STEP_KEYS = ("action", "executed_action", "reward", "terminated", "truncated", "success")
+
+# act(state [E], obs [E], keys [E]) -> (executed [E, H, ...], label [E, H, ...])
+ActFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+def _where(mask: jax.Array, on_true: Any, on_false: Any) -> Any:
+    """Per-episode select between pytrees whose leaves lead with the episode axis."""
+    def pick(a: jax.Array, b: jax.Array) -> jax.Array:
+        return jnp.where(mask.reshape(mask.shape + (1,) * (a.ndim - 1)), a, b)
+
+    return jax.tree_util.tree_map(pick, on_true, on_false)
+
+
+def run_episodes(env: Any, act: ActFn, keys: jax.Array, chunk: int = 1) -> dict[str, Any]:
+    """One episode per key, stepped together; everything recorded per step.
+
+    Unlike VecEnv there is no auto-reset: an episode that ends is frozen (its
+    state and observation stop changing) and its later steps are marked
+    invalid. `act` returns chunks of `chunk` actions that are executed in
+    order. Pure and traceable (jit it with `env`, `act`, `chunk` static).
+
+    Returns arrays with axes [E, T, ...] (T = chunks x chunk >= the time
+    limit): "obs" (the observation each action was taken from), "action"
+    (label), "executed_action", "reward", "terminated", "truncated",
+    "success", "valid"; and "final_obs" [E, ...], the observation that ended
+    each episode.
+    """
+    split = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
+    reset_keys, act_keys = split[:, 0], split[:, 1]
+    state, obs = jax.vmap(env.reset)(reset_keys)
+    num_chunks = -(-int(env.max_episode_steps) // chunk)
+    done = jnp.zeros((keys.shape[0],), bool)
+
+    def run_chunk(carry, c):
+        state, obs, done = carry
+        chunk_keys = jax.vmap(lambda k: jax.random.fold_in(k, c))(act_keys)
+        executed, label = act(state, obs, chunk_keys)
+
+        def env_step(inner, j):
+            state, obs, done = inner
+            new_state, ts = jax.vmap(env.step)(state, executed[:, j])
+            success = ts.info.get("success", jnp.zeros_like(ts.terminated))
+            record = dict(
+                obs=obs, action=label[:, j], executed_action=executed[:, j], reward=ts.reward,
+                terminated=ts.terminated, truncated=ts.truncated, success=success, valid=~done,
+            )
+            ended = ts.terminated | ts.truncated
+            state = _where(done, state, new_state)
+            obs = _where(done, obs, ts.obs)
+            return (state, obs, done | ended), record
+
+        return jax.lax.scan(env_step, (state, obs, done), jnp.arange(chunk))
+
+    (state, obs, done), records = jax.lax.scan(run_chunk, (state, obs, done), jnp.arange(num_chunks))
+    # [chunks, H, E, ...] -> [E, T, ...]
+    records = jax.tree_util.tree_map(lambda x: jnp.moveaxis(x.reshape((-1,) + x.shape[2:]), 0, 1), records)
+    records["final_obs"] = obs
+    return records
+
+
+def expert_act_fn(env: Any, noise_std: float = 0.0) -> ActFn:
+    """The env's scripted expert as an ActFn: label = expert, executed = label + DART noise."""
+    space = env.action_space
+
+    def act(state: Any, obs: Any, keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+        label = jax.vmap(env.expert_action)(state)
+        noise = jax.vmap(lambda k: jax.random.normal(k, label.shape[1:], label.dtype))(keys)
+        executed = jnp.clip(label + noise_std * noise, space.low, space.high)
+        return executed[:, None], label[:, None]
+
+    return act
+
+
+@functools.lru_cache(maxsize=8)
+def expert_collector(env: Any, noise_std: float = 0.0) -> Callable[[jax.Array], dict[str, Any]]:
+    """`keys [E] -> run_episodes records` of the expert, jitted and cached per (env, noise).
+
+    Envs with equal configs compare equal (VLReach defines __eq__), so the
+    demo script and `jaxrl_vla.eval --expert` share one compiled program.
+    """
+    return jax.jit(lambda keys: run_episodes(env, expert_act_fn(env, noise_std), keys))
+
+
+def episode_keys(seed: int, start: int, count: int) -> jax.Array:
+    """Keys of episodes start .. start+count-1: each depends only on (seed, index)."""
+    root = jax.random.PRNGKey(seed)
+    return jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.arange(start, start + count))
+
+
+def flatten_valid(records: dict[str, Any], first_episode: int) -> dict[str, np.ndarray]:
+    """[E, T, ...] records (host arrays) -> the valid steps, episode-major, plus ids and per-episode stats."""
+    valid = np.asarray(records["valid"])
+    episodes, steps = np.nonzero(valid)  # row-major: episode by episode, time in order
+    out = {key: np.asarray(value)[episodes, steps] for key, value in records["obs"].items()}
+    for key in STEP_KEYS:
+        out[key] = np.asarray(records[key])[episodes, steps]
+    out["episode_id"] = (episodes + first_episode).astype(np.int32)
+    out["step"] = steps.astype(np.int32)
+    reward = np.where(valid, np.asarray(records["reward"]), 0.0)
+    out["episode_return"] = reward.sum(axis=1).astype(np.float32)
+    out["episode_length"] = valid.sum(axis=1).astype(np.int32)
+    out["episode_success"] = (np.asarray(records["success"]) & valid).any(axis=1)
+    return out
+
+
+def collect_demos(
+    env: Any, num_episodes: int, seed: int = 0, noise_std: float = 0.1, batch_size: int = 128
+) -> dict[str, np.ndarray]:
+    """Run the expert for `num_episodes` and return the file's step and episode arrays.
+
+    Batches have a fixed size (the last is padded and trimmed) so the collector
+    compiles once.
+    """
+    if num_episodes < 1:
+        raise ValueError(f"num_episodes must be >= 1, got {num_episodes}")
+    if not hasattr(env, "expert_action"):
+        raise ValueError(f"{type(env).__name__} has no expert_action(state); demonstrations need a scripted expert")
+    batch = min(batch_size, num_episodes)
+    collect = expert_collector(env, float(noise_std))
+    parts = []
+    for start in range(0, num_episodes, batch):
+        records = jax.device_get(collect(episode_keys(seed, start, batch)))
+        keep = min(batch, num_episodes - start)
+        records = jax.tree_util.tree_map(lambda x: x[:keep], records)
+        parts.append(flatten_valid(records, start))
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
+def save_demos(path: str | Path, arrays: dict[str, np.ndarray], env_id: str, env_kwargs: dict, vocab: list[str] | None,
+               seed: int, noise_std: float) -> Path:
+    """Write the .npz (see module docstring); creates the parent directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(
+        env_id=np.asarray(env_id),
+        env_kwargs=np.asarray(json.dumps(env_kwargs, sort_keys=True)),
+        vocab=np.asarray(vocab if vocab is not None else [], dtype=str),
+        seed=np.asarray(seed, np.int64),
+        noise_std=np.asarray(noise_std, np.float64),
+        format_version=np.asarray(FORMAT_VERSION, np.int64),
+    )
+    with open(path, "wb") as f:  # a file object: numpy would otherwise append ".npz" to other suffixes
+        np.savez_compressed(f, **arrays, **meta)
+    return path
+
+
+def load_demos(path: str | Path) -> dict[str, Any]:
+    """Arrays of a demo file, with env_kwargs as a dict, vocab as a list and scalars as Python values."""
+    with np.load(path, allow_pickle=False) as data:
+        out: dict[str, Any] = {key: data[key] for key in data.files}
+    version = int(out.get("format_version", -1))
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path}: demo format_version {version}, this reader expects {FORMAT_VERSION}")
+    out["env_id"] = str(out["env_id"])
+    out["env_kwargs"] = json.loads(str(out["env_kwargs"]))
+    out["vocab"] = [str(w) for w in out["vocab"]]
+    out["seed"] = int(out["seed"])
+    out["noise_std"] = float(out["noise_std"])
+    out["format_version"] = version
+    return out
+
+
+def observation_keys(demos: dict[str, Any]) -> list[str]:
+    """The observation entries present in a loaded demo file (depth only when recorded)."""
+    return [key for key in OBS_KEYS if key in demos]
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jaxrl_vla.tasks.demos", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="output .npz path")
+    parser.add_argument("--episodes", type=int, default=1000, help="number of episodes (default 1000)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every reset and noise draw (default 0)")
+    parser.add_argument("--env", default="VLReach-v0", help="registered env id with an expert_action (default VLReach-v0)")
+    parser.add_argument("--env-kwargs", default="{}", help='JSON of env constructor arguments, e.g. \'{"num_objects": 3}\'')
+    parser.add_argument("--noise-std", type=float, default=0.1, help="DART noise on executed actions (default 0.1; 0: pure expert)")
+    parser.add_argument("--batch-size", type=int, default=128, help="episodes per jitted batch (memory only; the file does not depend on it)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.episodes < 1 or args.batch_size < 1 or args.noise_std < 0:
+        print("error: --episodes and --batch-size must be >= 1 and --noise-std >= 0", file=sys.stderr)
+        return 2
+    try:
+        env_kwargs = json.loads(args.env_kwargs)
+        if not isinstance(env_kwargs, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as err:
+        print(f"error: --env-kwargs must be a JSON object: {err}", file=sys.stderr)
+        return 2
+    from jaxrl_vla.build import build_env
+    from jaxrl_vla.config import ConfigError
+
+    try:
+        env = build_env({"name": args.env, **env_kwargs})
+        arrays = collect_demos(env, args.episodes, args.seed, args.noise_std, args.batch_size)
+    except (ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    vocab = env.tokenizer().vocab if hasattr(env, "tokenizer") else None
+    full_kwargs = env.config() if hasattr(env, "config") else env_kwargs  # every argument, defaults included
+    path = save_demos(args.out, arrays, args.env, full_kwargs, vocab, args.seed, args.noise_std)
+    n = len(arrays["episode_success"])
+    print(
+        f"wrote {path}: {n} episodes, {len(arrays['step'])} steps, expert success "
+        f"{arrays['episode_success'].mean():.1%}, mean length {arrays['episode_length'].mean():.1f}, "
+        f"{path.stat().st_size / 1e6:.1f} MB"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,388 @@
+"""Tests for VLReach-v0 (renderer, language dependence, expert, env semantics),
+the demonstration script and the eval/video CLI.
+
+Statistical checks use a few hundred episodes: the binomial standard deviation
+at p = 1/4 and n = 256 is 0.027, so the +-0.08 bands are about 3 sigma.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrl_vla.envs import VecEnv, make_env
+from jaxrl_vla.envs.vl_reach import (
+    BACKGROUND_RGB,
+    COLOURS,
+    COLOUR_RGB,
+    EFFECTOR_DOT_RGB,
+    EFFECTOR_RGB,
+    SHAPES,
+    VOCAB,
+    VLReach,
+    expert_action,
+    tokenizer,
+    word_id,
+)
+
+RED, GREEN, BLUE, YELLOW = range(4)
+SQUARE, CIRCLE, TRIANGLE = range(3)
+
+
+def pixel(x: float, y: float, size: int) -> tuple[int, int]:
+    """(row, col) of the pixel containing table point (x, y)."""
+    return int(y * size), int(x * size)
+
+
+def bbox_mask(size: int, centre: tuple[float, float], half: float) -> np.ndarray:
+    """Pixels whose centres lie in the square of half-side `half` around `centre`."""
+    c = (np.arange(size) + 0.5) / size
+    return (np.abs(c[None, :] - centre[0]) <= half) & (np.abs(c[:, None] - centre[1]) <= half)
+
+
+# ---------------------------------------------------------------- renderer
+
+
+@pytest.fixture(scope="module")
+def scene():
+    env = VLReach(num_objects=3, image_size=64, use_depth=True)
+    objects = [(0.3, 0.3), (0.7, 0.3), (0.5, 0.72)]
+    state = env.state_from_layout(
+        objects, [RED, BLUE, GREEN], [SQUARE, CIRCLE, TRIANGLE], target=0, effector=(0.15, 0.85)
+    )
+    obs = jax.device_get(env.observe(state))
+    return env, objects, obs
+
+
+def test_renderer_puts_each_object_colour_at_its_pixels(scene):
+    env, objects, obs = scene
+    rgb, size, r = obs["rgb"], env.image_size, env.object_radius
+    assert rgb.dtype == np.uint8 and rgb.shape == (size, size, 3)
+    for (x, y), colour in zip(objects, [RED, BLUE, GREEN]):
+        assert (rgb[pixel(x, y, size)] == COLOUR_RGB[colour]).all()
+    # Shape-specific pixels: the square fills its corners, the circle does not,
+    # the triangle is wide at its base and narrow near its apex.
+    sq, ci, tr = objects
+    assert (rgb[pixel(sq[0] - 0.7 * r, sq[1] - 0.7 * r, size)] == COLOUR_RGB[RED]).all()
+    assert (rgb[pixel(ci[0] - 0.8 * r, ci[1] - 0.8 * r, size)] == BACKGROUND_RGB).all()
+    assert (rgb[pixel(ci[0] - 0.9 * r, ci[1], size)] == COLOUR_RGB[BLUE]).all()
+    assert (rgb[pixel(tr[0] - 0.9 * r, tr[1] + 0.8 * r, size)] == COLOUR_RGB[GREEN]).all()
+    assert (rgb[pixel(tr[0] - 0.9 * r, tr[1] - 0.8 * r, size)] == BACKGROUND_RGB).all()
+    # Areas match the geometry (0.85r square, r circle, 2.2r x 2r triangle) to within the pixel grid.
+    areas = {RED: (1.7 * r) ** 2, BLUE: np.pi * r * r, GREEN: 0.5 * 2.2 * r * 2.0 * r}
+    for colour, area in areas.items():
+        count = (rgb == COLOUR_RGB[colour]).all(-1).sum()
+        assert abs(count - area * size * size) <= 0.2 * area * size * size, (COLOURS[colour], count)
+
+
+def test_renderer_background_everywhere_else_and_effector_on_top(scene):
+    env, objects, obs = scene
+    rgb, size = obs["rgb"], env.image_size
+    occupied = np.zeros((size, size), bool)
+    for centre in objects:
+        occupied |= bbox_mask(size, centre, 1.2 * env.object_radius)
+    occupied |= bbox_mask(size, (0.15, 0.85), 1.1 * env.effector_radius)
+    assert (rgb[~occupied] == BACKGROUND_RGB).all()
+    assert (rgb[pixel(0.15, 0.85, size)] == EFFECTOR_DOT_RGB).all()
+    assert (rgb[pixel(0.15 + 0.8 * env.effector_radius, 0.85, size)] == EFFECTOR_RGB).all()
+    depth = obs["depth"][..., 0]
+    assert depth.dtype == np.float32
+    assert depth[pixel(*objects[0], size)] == pytest.approx(0.9)
+    assert depth[pixel(0.15, 0.85, size)] == pytest.approx(0.8)
+    assert (depth[~occupied] == 1.0).all()
+
+
+# ---------------------------------------------------------------- language dependence and expert
+
+
+def run_to_goals(env: VLReach, keys: jax.Array, goals: jax.Array) -> np.ndarray:
+    """Success of the planner driving episode i to object goals[i] (the target or another)."""
+
+    def episode(key, goal):
+        state, _ = env.reset(key)
+
+        def body(carry, _):
+            state, done, success = carry
+            new, ts = env.step(state, env.expert_action(state, goal))
+            ended = (ts.terminated | ts.truncated) & ~done
+            success = success | (ended & ts.info["success"])
+            state = jax.tree_util.tree_map(lambda a, b: jnp.where(done, a, b), state, new)
+            return (state, done | ended, success), None
+
+        (_, _, success), _ = jax.lax.scan(body, (state, False, False), None, length=env.max_episode_steps)
+        return success
+
+    return np.asarray(jax.jit(jax.vmap(episode))(keys, goals))
+
+
+def test_expert_succeeds_and_vision_only_policies_get_about_one_in_k():
+    env = VLReach(num_objects=4, image_size=16, max_episode_steps=30)
+    n = 256
+    keys = jax.random.split(jax.random.PRNGKey(0), n)
+    states = jax.device_get(jax.jit(jax.vmap(env.reset))(keys)[0])
+    rng = np.random.default_rng(0)
+    colour, shape, target = states.object_colour, states.object_shape, states.target
+    rows = np.arange(n)
+
+    def random_among(candidates: np.ndarray) -> np.ndarray:
+        scores = np.where(candidates, rng.random(candidates.shape), -1.0)
+        return scores.argmax(axis=1)
+
+    nearest = np.linalg.norm(states.object_pos - states.effector[:, None], axis=-1).argmin(axis=1)
+    same_colour = colour == colour[rows, target][:, None]
+    same_shape = shape == shape[rows, target][:, None]
+    strategies = {
+        "expert": target,
+        "random object (no instruction)": rng.integers(0, 4, n),
+        "nearest object (no instruction)": nearest,
+        "colour word only": random_among(same_colour),
+        "shape word only": random_among(same_shape),
+    }
+    goals = np.concatenate(list(strategies.values())).astype(np.int32)
+    success = run_to_goals(env, jnp.tile(keys, (len(strategies), 1)), jnp.asarray(goals)).reshape(len(strategies), n)
+    rates = dict(zip(strategies, success.mean(axis=1)))
+    assert rates["expert"] >= 0.98, rates
+    assert abs(rates["random object (no instruction)"] - 0.25) < 0.08, rates
+    assert abs(rates["nearest object (no instruction)"] - 0.25) < 0.08, rates
+    # Each object shares its colour with one other object and its shape with another (k = 4): one word is a coin flip.
+    assert abs(rates["colour word only"] - 0.5) < 0.1, rates
+    assert abs(rates["shape word only"] - 0.5) < 0.1, rates
+    # The target is drawn independently of the scene: uniform over object slots.
+    assert np.bincount(target, minlength=4).min() > n / 4 * 0.6
+
+
+def test_module_level_expert_matches_env_method():
+    env = VLReach()
+    states, _ = jax.jit(jax.vmap(env.reset))(jax.random.split(jax.random.PRNGKey(3), 4))
+    np.testing.assert_array_equal(jax.jit(jax.vmap(expert_action))(states), jax.jit(jax.vmap(env.expert_action))(states))
+
+
+# ---------------------------------------------------------------- env semantics
+
+
+def test_env_parity_single_vs_vmapped():
+    env = VLReach(image_size=32)
+    keys = jax.random.split(jax.random.PRNGKey(1), 4)
+    actions = jax.random.uniform(jax.random.PRNGKey(2), (3, 4, 2), minval=-1, maxval=1)
+    reset, step = jax.jit(env.reset), jax.jit(env.step)
+    batch_state, batch_obs = jax.jit(jax.vmap(env.reset))(keys)
+    batch_steps = []
+    b_state = batch_state
+    for t in range(actions.shape[0]):
+        b_state, b_ts = jax.jit(jax.vmap(env.step))(b_state, actions[t])
+        batch_steps.append((b_state, b_ts))
+    for i, key in enumerate(keys):
+        state, obs = reset(key)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b[i]), obs, batch_obs)
+        for t in range(actions.shape[0]):
+            state, ts = step(state, actions[t, i])
+            jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b[i], atol=1e-6), (state, ts), batch_steps[t])
+
+
+def test_jit_traces_once():
+    env = VLReach(image_size=32)
+    traces = {"reset": 0, "step": 0}
+
+    def reset(key):
+        traces["reset"] += 1
+        return env.reset(key)
+
+    def step(state, action):
+        traces["step"] += 1
+        return env.step(state, action)
+
+    reset_j, step_j = jax.jit(reset), jax.jit(step)
+    for seed in range(3):
+        state, _ = reset_j(jax.random.PRNGKey(seed))
+        for t in range(2):
+            state, _ = step_j(state, jnp.array([0.3 * t - 0.2, 0.5 - seed * 0.1], jnp.float32))
+    assert traces == {"reset": 1, "step": 1}
+
+
+def layout_env_state(env: VLReach, effector, target=0, time=0):
+    return env.state_from_layout([(0.5, 0.5), (0.8, 0.8)], [RED, BLUE], [SQUARE, CIRCLE], target, effector, time=time)
+
+
+def test_touching_the_target_terminates_with_success():
+    env = VLReach(num_objects=2)
+    state = layout_env_state(env, effector=(0.5, 0.5 + env.touch_radius + 0.03))
+    _, ts = jax.jit(env.step)(state, jnp.array([0.0, -1.0]))
+    assert bool(ts.terminated) and not bool(ts.truncated)
+    assert bool(ts.info["success"]) and not bool(ts.info["wrong_object"])
+    assert float(ts.reward) == pytest.approx(env.progress_scale * env.max_speed - env.action_cost + env.success_bonus, abs=1e-4)
+
+
+def test_touching_another_object_terminates_with_failure():
+    env = VLReach(num_objects=2)
+    state = layout_env_state(env, effector=(0.5, 0.5 + env.touch_radius + 0.03), target=1)
+    _, ts = jax.jit(env.step)(state, jnp.array([0.0, -1.0]))
+    assert bool(ts.terminated) and not bool(ts.info["success"]) and bool(ts.info["wrong_object"])
+    assert float(ts.reward) < -0.5
+
+
+def test_time_limit_truncates_without_terminating():
+    env = VLReach(num_objects=2, max_episode_steps=10)
+    state = layout_env_state(env, effector=(0.1, 0.9), time=8)
+    step = jax.jit(env.step)
+    state, ts = step(state, jnp.zeros(2))
+    assert not bool(ts.truncated) and not bool(ts.terminated)
+    _, ts = step(state, jnp.zeros(2))
+    assert bool(ts.truncated) and not bool(ts.terminated) and not bool(ts.info["success"])
+
+
+def test_extra_action_dims_only_cost():
+    env = VLReach(action_dim=4, image_size=16)
+    state, _ = jax.jit(env.reset)(jax.random.PRNGKey(0))
+    step = jax.jit(env.step)
+    moved, ts_plain = step(state, jnp.array([0.5, 0.5, 0.0, 0.0]))
+    moved_extra, ts_extra = step(state, jnp.array([0.5, 0.5, 1.0, -1.0]))
+    np.testing.assert_array_equal(moved.effector, moved_extra.effector)
+    assert float(ts_plain.reward - ts_extra.reward) == pytest.approx(2 * env.action_cost, abs=1e-6)
+    assert jax.jit(env.expert_action)(state).shape == (4,)
+
+
+def test_registry_spaces_and_vecenv():
+    env = make_env("VLReach-v0", num_objects=3, image_size=32)
+    assert env.reports_success and env.max_episode_steps == 50
+    venv = VecEnv(env, 3)
+    state, obs = jax.jit(venv.reset)(jax.random.PRNGKey(0))
+    for key, space in env.observation_space.items():
+        assert obs[key].shape == (3,) + tuple(space.shape) and obs[key].dtype == space.dtype, key
+    assert set(obs) == {"rgb", "proprio", "language", "language_mask"}
+    _, ts = jax.jit(venv.step)(state, jnp.zeros((3, 2)))
+    assert ts.info["success"].dtype == jnp.bool_
+
+
+# ---------------------------------------------------------------- language
+
+
+def test_env_language_ids_equal_host_tokenizer():
+    env = VLReach(num_objects=4, image_size=16)
+    tok = env.tokenizer()
+    assert tok.vocab[2:] == list(VOCAB) and tok.vocab_size == len(VOCAB) + 2
+    assert tokenizer(8).encode(["touch the red square"])[0][0, :4].tolist() == [word_id(w) for w in ["touch", "the", "red", "square"]]
+    states, obs = jax.device_get(jax.jit(jax.vmap(env.reset))(jax.random.split(jax.random.PRNGKey(5), 64)))
+    texts = tok.decode(obs["language"], obs["language_mask"])
+    ids, mask = tok.encode(texts)
+    np.testing.assert_array_equal(ids, obs["language"])
+    np.testing.assert_array_equal(mask, obs["language_mask"])
+    for i, text in enumerate(texts):
+        t = states.target[i]
+        assert COLOURS[states.object_colour[i, t]] in text.split() and SHAPES[states.object_shape[i, t]] in text.split()
+    assert len(set(texts)) > 10
+
+
+def test_custom_templates_are_checked():
+    env = VLReach(image_size=16, templates=["go to the {shape} that is {colour}"])
+    state, _ = jax.jit(env.reset)(jax.random.PRNGKey(0))
+    assert env.instruction(state).startswith("go to the")
+    with pytest.raises(ValueError, match="not in VOCAB"):
+        VLReach(templates=["grab the {colour} {shape}"])
+    with pytest.raises(ValueError, match="exactly once"):
+        VLReach(templates=["touch the {colour} thing"])
+
+
+# ---------------------------------------------------------------- demonstrations
+
+
+SMALL_ENV = json.dumps({"image_size": 16, "max_episode_steps": 25})  # shared so compiled programs are reused
+
+
+def make_demos(path: Path, batch_size: int, noise_std: float = 0.1) -> int:
+    from jaxrl_vla.tasks import demos
+
+    return demos.main(["--out", str(path), "--episodes", "5", "--seed", "3", "--env-kwargs", SMALL_ENV,
+                       "--batch-size", str(batch_size), "--noise-std", str(noise_std)])
+
+
+def test_demos_script_is_deterministic_and_has_the_documented_format(tmp_path):
+    from jaxrl_vla.tasks.demos import FORMAT_VERSION, load_demos, observation_keys
+
+    assert make_demos(tmp_path / "a.npz", batch_size=3) == 0
+    assert make_demos(tmp_path / "b.npz", batch_size=3) == 0
+    a, b = load_demos(tmp_path / "a.npz"), load_demos(tmp_path / "b.npz")
+    assert set(a) == set(b)
+    for key in a:
+        np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]), err_msg=key)
+    n = len(a["step"])
+    expected = {
+        "rgb": ((n, 16, 16, 3), np.uint8), "proprio": ((n, 4), np.float32), "language": ((n, 8), np.int32),
+        "language_mask": ((n, 8), np.bool_), "action": ((n, 2), np.float32), "executed_action": ((n, 2), np.float32),
+        "reward": ((n,), np.float32), "terminated": ((n,), np.bool_), "truncated": ((n,), np.bool_),
+        "success": ((n,), np.bool_), "episode_id": ((n,), np.int32), "step": ((n,), np.int32),
+        "episode_success": ((5,), np.bool_), "episode_length": ((5,), np.int32), "episode_return": ((5,), np.float32),
+    }
+    for key, (shape, dtype) in expected.items():
+        assert a[key].shape == shape and a[key].dtype == dtype, (key, a[key].shape, a[key].dtype)
+    assert observation_keys(a) == ["rgb", "proprio", "language", "language_mask"]
+    assert a["env_id"] == "VLReach-v0" and a["env_kwargs"] == VLReach(image_size=16, max_episode_steps=25).config()
+    assert VLReach(**a["env_kwargs"]) == VLReach(image_size=16, max_episode_steps=25)
+    assert a["vocab"] == tokenizer().vocab and a["seed"] == 3 and a["format_version"] == FORMAT_VERSION
+    # Episodes are contiguous and in time order; lengths agree; each ends with termination or truncation.
+    np.testing.assert_array_equal(np.bincount(a["episode_id"]), a["episode_length"])
+    ends = np.r_[np.nonzero(np.diff(a["episode_id"]))[0], n - 1]
+    assert (a["terminated"][ends] | a["truncated"][ends]).all()
+    assert (a["step"][ends] == a["episode_length"] - 1).all()
+    assert np.abs(a["action"]).max() <= 1.0 and not np.array_equal(a["action"], a["executed_action"])
+    assert a["episode_success"].mean() >= 0.8
+
+
+def test_demos_do_not_depend_on_the_batch_size(tmp_path):
+    from jaxrl_vla.tasks.demos import load_demos
+
+    assert make_demos(tmp_path / "c.npz", batch_size=5, noise_std=0.0) == 0
+    assert make_demos(tmp_path / "d.npz", batch_size=3, noise_std=0.0) == 0
+    c, d = load_demos(tmp_path / "c.npz"), load_demos(tmp_path / "d.npz")
+    for key in ("rgb", "action", "episode_id", "reward"):
+        np.testing.assert_array_equal(c[key], d[key])
+    np.testing.assert_array_equal(c["action"], c["executed_action"])  # no noise: executed = label
+
+
+# ---------------------------------------------------------------- eval / video
+
+
+def test_eval_expert_writes_a_captioned_gif(tmp_path, capsys):
+    from PIL import Image
+
+    from jaxrl_vla import eval as evaluate
+
+    out = tmp_path / "expert.gif"
+    assert evaluate.main(["--expert", "--video", str(out), "--episodes", "5", "--env-kwargs", SMALL_ENV]) == 0
+    printed = capsys.readouterr().out
+    assert "success rate" in printed and "episode 4" in printed
+    with Image.open(out) as gif:
+        # pillow merges the held (identical) last frames into one longer frame
+        assert gif.n_frames >= 4
+        assert gif.size == (16 * 16, 16 * 16 + evaluate.CAPTION_HEIGHT)
+        first = np.asarray(gif.convert("RGB"))
+    assert first[256:].max() > 128, "the caption band has text"
+    assert (first[:256:16, ::16] == BACKGROUND_RGB).all(-1).mean() > 0.5, "the frame is the upscaled render"
+
+
+def test_eval_errors_exit_2(tmp_path):
+    from jaxrl_vla import eval as evaluate
+
+    assert evaluate.main(["--run", str(tmp_path / "missing"), "--video", str(tmp_path / "x.gif")]) == 2
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    assert evaluate.main(["--run", str(run_dir)]) == 2  # no config.json
+    (run_dir / "config.json").write_text(json.dumps({"env": {"name": "VLReach-v0"}}))
+    assert evaluate.main(["--run", str(run_dir)]) == 2  # no checkpoint
+    assert evaluate.main(["--expert", "--video", str(tmp_path / "x.webm")]) == 2
+    assert evaluate.main([]) == 2
+    assert not (tmp_path / "x.gif").exists()
+
+
+def test_scratch_config_builds():
+    from jaxrl_vla.build import build_env, build_policy
+    from jaxrl_vla.config import load_config
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "vl_reach_scratch.json")
+    env = build_env(cfg["env"])
+    assert isinstance(env, VLReach)
+    build_policy(cfg["policy"], env)
