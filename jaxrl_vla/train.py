@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -46,6 +47,21 @@ def resolve_run_config(args: argparse.Namespace) -> dict:
     return load_config(args.config, overrides)
 
 
+def enable_compilation_cache() -> None:
+    """Keep compiled XLA programs on disk so a second run skips most compilation.
+
+    The directory is $JAXRL_VLA_COMPILE_CACHE (default ~/.cache/jaxrl_vla/xla);
+    set it to 0 to disable. A user-set JAX_COMPILATION_CACHE_DIR wins.
+    """
+    import jax
+
+    setting = os.environ.get("JAXRL_VLA_COMPILE_CACHE", str(Path.home() / ".cache" / "jaxrl_vla" / "xla"))
+    if setting == "0" or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    jax.config.update("jax_compilation_cache_dir", setting)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.total_timesteps is not None and args.total_timesteps <= 0:
@@ -55,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve_run_config(args)
         from jaxrl_vla.build import build_trainer
 
+        enable_compilation_cache()
         trainer = build_trainer(cfg)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)

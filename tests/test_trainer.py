@@ -72,7 +72,8 @@ def test_resume_ends_with_the_same_parameters(tmp_path):
     stopper = make_trainer(tmp_path / "b", iterations=6, normalize_observations=True,
                            log_fn=lambda r: r["iteration"] == 3 and stopper.request_stop())
     stopper.train()
-    assert stopper.interrupted and int(stopper.state.iteration) == 3
+    # the iteration already dispatched ahead of logging (at most one) completes before stopping
+    assert stopper.interrupted and int(stopper.state.iteration) in (3, 4)
 
     resumed = make_trainer(tmp_path / "b", iterations=6, normalize_observations=True)
     resumed.train(resume=stopper.run_dir)

@@ -549,7 +549,7 @@ class AsyncTrainer(Trainer):
         taken = [c.buffer.take() for c in self.collectors]
         return concat_envs([t[0] for t in taken], axis=1), concat_envs([t[1] for t in taken], axis=0)
 
-    def _run_iteration(self):
+    def _run_iteration(self, prefetch: bool = False):
         t0 = time.perf_counter()
         collected = self._collect()
         if collected is None:

@@ -133,12 +133,16 @@ class Trainer:
         self.state: TrainState | None = None
         self.trace_count = 0
         self._stop = threading.Event()
+        self._pending: tuple | None = None  # an iteration dispatched ahead (see _run_iteration)
 
     # ------------------------------------------------------------------ setup
 
     def _init_state(self, key: jax.Array) -> TrainState:
         key, init_key, env_key = jax.random.split(key, 3)
         env_state, obs = self.vec_env.reset(env_key)
+        # the state is donated whole: an env whose observation aliases a leaf of its
+        # state would donate one buffer twice, so the observation gets its own
+        obs = jax.tree_util.tree_map(jnp.copy, obs)
         params = self.init_params
         if params is None:
             params = self.policy.init(init_key, zeros_like_obs(self.env.observation_space, 1))
@@ -184,6 +188,31 @@ class Trainer:
         eval_env = VecEnv(self.env, self.num_eval_episodes)
         max_steps = int(getattr(self.env, "max_episode_steps", 1000))
         self._evaluate = jax.jit(make_evaluate_fn(apply_fn, eval_env, max_steps, self.chunk))
+        if self.eval_freq > 0:
+            self._precompile_evaluation(template)
+
+    def _precompile_evaluation(self, template: TrainState) -> None:
+        """Compile the evaluation program on a second thread while the first
+        iteration compiles on this one: XLA compiles each program on one core,
+        so on a 2-core laptop this takes evaluation off the time to first result."""
+        replicated = sharding.replicated(self.mesh)
+        abstract = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+            (template.params, template.obs_stats, self._eval_key()),
+        )
+        self._evaluate_compiled = None
+
+        def compile_evaluation() -> None:
+            try:
+                self._evaluate_compiled = self._evaluate.lower(*abstract).compile()
+            except Exception:  # noqa: BLE001 - evaluate() falls back to the plain jit and reports errors there
+                self._evaluate_compiled = None
+
+        self._eval_compiler = threading.Thread(target=compile_evaluation, name="compile-evaluation", daemon=True)
+        self._eval_compiler.start()
+
+    def _eval_key(self) -> jax.Array:
+        return jax.random.PRNGKey(self.seed + 1)
 
     # ------------------------------------------------------------------ run
 
@@ -196,7 +225,13 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float | None]:
         """Deterministic evaluation over num_eval_episodes first episodes."""
-        stats = jax.device_get(self._evaluate(self.state.params, self.state.obs_stats, jax.random.PRNGKey(self.seed + 1)))
+        evaluate = self._evaluate
+        compiler = getattr(self, "_eval_compiler", None)
+        if compiler is not None:
+            compiler.join()
+            evaluate = self._evaluate_compiled or self._evaluate
+        key = jax.device_put(self._eval_key(), sharding.replicated(self.mesh))
+        stats = jax.device_get(evaluate(self.state.params, self.state.obs_stats, key))
         out = episode_summary(stats, prefix="eval/")
         if float(stats.count) > 0 and self._env_reports_success():
             out["eval/success_rate"] = float(stats.success_sum) / float(stats.count)
@@ -229,6 +264,8 @@ class Trainer:
             interrupted = self._loop(start, total_iterations, logger, checkpointer)
         finally:
             self._stop_workers()
+            if self._pending is not None:  # the loop raised after a prefetch: its state is the newest
+                self.state, self._pending = self._pending[0], None
             jax.block_until_ready(self.state)
             checkpointer.save(int(self.state.iteration), self.state, {"config": self.config})
             checkpointer.close()
@@ -242,21 +279,36 @@ class Trainer:
         self.interrupted = interrupted
         return self.state
 
+    def _evaluation_due(self, iteration: int, total: int) -> bool:
+        return self.eval_freq > 0 and (iteration % self.eval_freq == 0 or iteration == total)
+
+    def _checkpoint_due(self, iteration: int, total: int) -> bool:
+        return self.save_freq > 0 and iteration % self.save_freq == 0 and iteration < total
+
     def _loop(self, start: int, total: int, logger: RunLogger, checkpointer: Checkpointer) -> bool:
         last_eval: dict = {}
         for it in range(start, total):
-            if self._stop.is_set():
+            done = it + 1
+            if self._stop.is_set() and self._pending is None:
                 return True
             t0 = time.perf_counter()
-            result = self._run_iteration()
+            # the next iteration may start early unless this one's state is needed on the host
+            prefetch = (
+                done < total
+                and not self._stop.is_set()
+                and not self._evaluation_due(done, total)
+                and not self._checkpoint_due(done, total)
+            )
+            result = self._run_iteration(prefetch=prefetch)
             if result is None:  # a stop request ended the iteration early
                 return True
             new_state, metrics, episodes = result
             elapsed = time.perf_counter() - t0
             self.state = new_state
+            global_step = metrics.pop("global_step", None)
             record = {
-                "iteration": it + 1,
-                "global_step": int(new_state.global_step),
+                "iteration": done,
+                "global_step": int(new_state.global_step if global_step is None else global_step),
                 "sps": self.samples_per_iteration / elapsed,
                 "iteration_time": elapsed,
             }
@@ -264,25 +316,35 @@ class Trainer:
             if self._env_reports_success() and float(episodes.count) > 0:
                 record["success_rate"] = float(episodes.success_sum) / float(episodes.count)
             record.update({k: float(v) for k, v in metrics.items()})
-            if self.eval_freq > 0 and ((it + 1) % self.eval_freq == 0 or it + 1 == total):
+            if self._evaluation_due(done, total):
                 last_eval = self.evaluate()
                 record.update(last_eval)
             logger.log(record)
             if self.log_fn is not None:
                 self.log_fn(record)
-            if self.save_freq > 0 and (it + 1) % self.save_freq == 0 and it + 1 < total:
-                checkpointer.save(it + 1, self.state, {"config": self.config})
+            if self._checkpoint_due(done, total):
+                checkpointer.save(done, self.state, {"config": self.config})
         self.final_eval = last_eval
         return False
 
-    def _run_iteration(self) -> tuple[TrainState, dict, EpisodeStats] | None:
+    def _run_iteration(self, prefetch: bool = False) -> tuple[TrainState, dict, EpisodeStats] | None:
         """One collect + learn step -> (new state, host metrics, host EpisodeStats).
 
         None means a stop request ended it before it finished. The async trainer
         overrides this (collectors feed it); standard mode runs one jitted call.
+
+        With `prefetch`, the next iteration is dispatched as soon as this one's
+        results are on the host, so its device work overlaps the host's logging
+        of this one. The returned state is then donated to that call: the loop
+        only prefetches when nothing (evaluation, checkpoint, the end) needs it.
         """
-        new_state, metrics, episodes = self._iteration(self.state)
-        metrics, episodes = jax.device_get((metrics, episodes))
+        result = self._pending if self._pending is not None else self._iteration(self.state)
+        self._pending = None
+        new_state, metrics, episodes = result
+        metrics, episodes, global_step = jax.device_get((metrics, episodes, new_state.global_step))
+        metrics = dict(metrics, global_step=global_step)
+        if prefetch:
+            self._pending = self._iteration(new_state)
         return new_state, metrics, episodes
 
     def _start_workers(self, start_iteration: int) -> None:
@@ -292,7 +354,8 @@ class Trainer:
         """Hook: stop and join background work; runs even when the loop raised."""
 
     def request_stop(self) -> None:
-        """Finish the current iteration, checkpoint and return (what Ctrl-C does)."""
+        """Finish the iterations already dispatched (the current one and at most one
+        ahead), checkpoint and return (what Ctrl-C does)."""
         self._stop.set()
 
     def _install_sigint(self):
