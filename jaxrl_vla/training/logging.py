@@ -33,7 +33,7 @@ class RunLogger:
         self.run_dir = Path(run_dir)
         self.metrics_file = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
         self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
-        self.console = Console(stderr=True)
+        self.console = Console(stderr=True, soft_wrap=True)  # no hard wraps in logs and CI
         self._progress = None
         if progress:
             self._progress = Progress(

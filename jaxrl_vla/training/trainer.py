@@ -108,6 +108,7 @@ class Trainer:
             raise ValueError("buffer_type 'vla' is served by jaxrl_vla.training.async_trainer.AsyncTrainer")
         self.policy = policy
         self.env = env
+        self.buffer_type = buffer_type
         self.cfg = algorithm if batch_size is None else algorithm.replace(batch_size=int(batch_size))
         self.buffer_size = int(buffer_size)
         self.num_envs = int(num_envs)
@@ -223,6 +224,15 @@ class Trainer:
         self.run_dir = new_run_dir(self.output_dir, self.exp_name)
         (self.run_dir / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
 
+    def describe(self, total_iterations: int) -> str:
+        """One line saying what an iteration is, so `buffer_size` is never ambiguous."""
+        minibatches = self.cfg.num_minibatches(self.samples_per_iteration)
+        return (
+            f"{self.buffer_type} mode: {self.buffer_size} steps x {self.num_envs} envs = "
+            f"{self.samples_per_iteration:,} transitions per iteration, {self.cfg.n_epochs} epochs x "
+            f"{minibatches} minibatches of {self.cfg.batch_size}; {total_iterations} iterations; run dir {self.run_dir}"
+        )
+
     def evaluate(self) -> dict[str, float | None]:
         """Deterministic evaluation over num_eval_episodes first episodes."""
         evaluate = self._evaluate
@@ -257,6 +267,7 @@ class Trainer:
         self.state = state
         start = int(state.iteration)
         logger = RunLogger(self.run_dir, total_iterations, start, progress=self.progress)
+        logger.console.print(self.describe(total_iterations))
         previous_handler = self._install_sigint()
         interrupted = False
         try:
