@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import queue
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -28,11 +30,13 @@ class RunLogger:
     TensorBoard, and drives a rich progress bar (steps/s, return, iteration)."""
 
     def __init__(self, run_dir: Path, total_iterations: int, start_iteration: int = 0, progress: bool = True):
-        from tensorboardX import SummaryWriter
-
         self.run_dir = Path(run_dir)
         self.metrics_file = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
-        self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        self.writer = summary_writer_class()(str(self.run_dir / "tensorboard"), flush_secs=10)
+        # files are written by a background thread: the training loop only enqueues
+        self._records: queue.Queue = queue.Queue()
+        self._file_thread = threading.Thread(target=self._write_files, name="metrics-writer", daemon=True)
+        self._file_thread.start()
         self.console = Console(stderr=True, soft_wrap=True)  # no hard wraps in logs and CI
         self._progress = None
         if progress:
@@ -55,13 +59,17 @@ class RunLogger:
 
     def log(self, record: dict[str, Any]) -> None:
         record = {k: to_python(v) for k, v in record.items()}
-        self.metrics_file.write(json.dumps(record) + "\n")
-        self.metrics_file.flush()
-        step = int(record["global_step"])
-        for name, value in record.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and name != "global_step":
-                self.writer.add_scalar(name, value, step)
+        self._records.put(record)
         self._show(record)
+
+    def _write_files(self) -> None:
+        while (record := self._records.get()) is not None:
+            self.metrics_file.write(json.dumps(record) + "\n")
+            self.metrics_file.flush()
+            step = int(record["global_step"])
+            for name, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and name != "global_step":
+                    self.writer.add_scalar(name, value, step)
 
     def _show(self, record: dict[str, Any]) -> None:
         ret = record.get("episode_return_mean")
@@ -84,7 +92,30 @@ class RunLogger:
             )
 
     def close(self) -> None:
+        """Write everything logged so far, then close the files."""
+        self._records.put(None)
+        self._file_thread.join()
         if self._progress is not None:
             self._progress.stop()
         self.writer.close()
         self.metrics_file.close()
+
+
+def summary_writer_class() -> type:
+    """tensorboardX's SummaryWriter, imported without importing torch.
+
+    tensorboardX imports torch whenever it is installed (only to accept torch
+    tensors, which we never pass); that costs seconds at start-up, and a user
+    training a JAX env must not pay for torch. If torch is not imported yet, it
+    is hidden during this one import.
+    """
+    if "torch" in sys.modules or "tensorboardX.writer" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # type: ignore[assignment]  # makes `import torch` raise ImportError
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter

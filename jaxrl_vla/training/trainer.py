@@ -178,12 +178,14 @@ class Trainer:
             )
             state = state.replace(key=key, env_state=env_state, obs=obs)
             state, metrics = learn(state, transitions, last_value)
-            return state, metrics, episodes
+            # one float32 vector for every scalar: a single device->host transfer per iteration
+            leaves, self._report_treedef = jax.tree_util.tree_flatten((metrics, episodes))
+            return state, jnp.stack([jnp.asarray(x, jnp.float32) for x in leaves])
 
         template = jax.eval_shape(self._init_state, jax.random.PRNGKey(0))
         state_shardings = self._shardings(template)
         self._iteration = jax.jit(
-            iteration, donate_argnums=0, out_shardings=(state_shardings, sharding.replicated(self.mesh), sharding.replicated(self.mesh))
+            iteration, donate_argnums=0, out_shardings=(state_shardings, sharding.replicated(self.mesh))
         )
         self._state_shardings = state_shardings
         eval_env = VecEnv(self.env, self.num_eval_episodes)
@@ -351,8 +353,9 @@ class Trainer:
         """
         result = self._pending if self._pending is not None else self._iteration(self.state)
         self._pending = None
-        new_state, metrics, episodes = result
-        metrics, episodes, global_step = jax.device_get((metrics, episodes, new_state.global_step))
+        new_state, report = result
+        report, global_step = jax.device_get((report, new_state.global_step))
+        metrics, episodes = jax.tree_util.tree_unflatten(self._report_treedef, list(report))
         metrics = dict(metrics, global_step=global_step)
         if prefetch:
             self._pending = self._iteration(new_state)
