@@ -313,3 +313,27 @@ def test_full_size_layouts_agree(vision, language):
 def test_jaxrl_vla_never_imports_torch():
     code = "import sys, jaxrl_vla.models.vla; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_safetensors_are_read_into_aligned_buffers(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from bridge.vla_loading import UnsupportedCheckpointError, read_safetensors
+
+    tensors = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int64), "c": torch.ones(2, dtype=torch.bfloat16)}
+    path = tmp_path / "w.safetensors"
+    save_file(tensors, str(path))
+    read = read_safetensors(path)
+    reference = load_file(str(path))
+    assert set(read) == set(reference)
+    for key, tensor in read.items():
+        assert tensor.data_ptr() % 64 == 0, key
+        assert tensor.dtype == reference[key].dtype and torch.equal(tensor, reference[key])
+    truncated = tmp_path / "cut.safetensors"
+    truncated.write_bytes(path.read_bytes()[:-8])
+    with pytest.raises(UnsupportedCheckpointError, match="outside the file|ends inside"):
+        read_safetensors(truncated)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 64)
+    with pytest.raises(UnsupportedCheckpointError, match="not a safetensors file"):
+        read_safetensors(garbage)

@@ -55,16 +55,6 @@ def unwrap_variables(policy_variables: dict) -> dict:
     return {collection: tree[MODEL] for collection, tree in policy_variables.items()}
 
 
-def owned_copy(tree: Any) -> Any:
-    """Copy every array into JAX-owned memory.
-
-    Weights imported over DLPack share memory with torch tensors; the Trainer
-    donates its state to each jitted iteration, and donating borrowed memory
-    would let XLA write into (or free) torch's buffers.
-    """
-    return jax.tree_util.tree_map(jnp.copy, tree)
-
-
 def trainable_mask(variables: dict, freeze_prefixes: list[str]) -> dict:
     """True for parameters the optimiser may change.
 
@@ -140,7 +130,6 @@ def build_vla_policy(policy_cfg: dict, env: Any) -> tuple[VLAPolicy, dict, dict 
             model, variables = bridge.load_vla_model(path, vla["model_class"], model_config)
         except (ValueError, ImportError) as err:
             raise ConfigError(f"policy.vla_config: {err}") from None
-        variables = owned_copy(variables)
     else:
         model, variables = _random_twin(vla["model_class"], model_config)
     if dtype != jnp.float32:
