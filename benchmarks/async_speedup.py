@@ -45,8 +45,6 @@ if "--xla-multi-thread" not in sys.argv:  # must precede JAX's backend start (se
 
 import argparse
 import json
-import platform
-import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -61,8 +59,8 @@ from jaxrl_vla.envs.host import make_gymnasium_env
 from jaxrl_vla.models.actor_critic import ActorCritic
 from jaxrl_vla.training.async_trainer import AsyncTrainer, PolicySnapshot
 
-BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
-START, END = "<!-- async_speedup:start -->", "<!-- async_speedup:end -->"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _report
+from _report import machine_line, write_section  # noqa: E402
 
 
 class SlowInferenceTrainer(AsyncTrainer):
@@ -163,26 +161,10 @@ def compare(sync: dict, other: dict) -> dict[str, Any]:
     }
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (
-        f"{platform.machine()} ({cpu}), {os.cpu_count()} CPUs, jax {jax.__version__} "
-        f"(backend {jax.default_backend()}), Python {platform.python_version()}; "
-        f"1-min load average at the end of the run {load:.1f}"
-    )
 
 
 def markdown(runs: list[dict], comparisons: list[dict], args: argparse.Namespace) -> str:
     lines = [
-        START,
         "## async_speedup",
         "",
         f"Standard (sync) vs VLA async mode on gymnasium CartPole (host env), {args.num_envs} envs, "
@@ -221,23 +203,13 @@ def markdown(runs: list[dict], comparisons: list[dict], args: argparse.Namespace
         "(the latency model above); with a per-call latency they would not. Mean policy staleness "
         f"(learner version - acting version) in the async runs: {stale}.",
         "",
-        f"Machine: {machine()}. The machine was shared with other jobs while measuring, so timings are noisy: "
+        f"{machine_line()} 1-min load average at the end of the run: {os.getloadavg()[0]:.1f}. The machine was shared with other jobs while measuring, so timings are noisy: "
         "a fraction of the limit above 100% can only be noise (the sync run, from which C, T and the limit "
         "come, was slowed by other jobs more than its paired async run).",
-        END,
     ]
     return "\n".join(lines)
 
 
-def write_section(section: str, path: Path = BENCHMARKS_MD) -> None:
-    """Replace only this benchmark's marked section (append it if absent)."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
 
 
 def enable_compilation_cache(directory: str) -> None:
@@ -310,7 +282,7 @@ def main() -> None:
                 print(json.dumps(summary), flush=True)
                 summaries.append(summary)
     if not args.no_write:
-        write_section(markdown(runs, summaries, args))
+        write_section("async_speedup", markdown(runs, summaries, args))
 
 
 if __name__ == "__main__":

@@ -12,10 +12,8 @@ JSON line per (batch, method), and rewrites its own section of BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import sys
 import json
-import os
-import platform
-import re
 import statistics
 import time
 from collections.abc import Callable
@@ -30,8 +28,8 @@ from tensordict import TensorDict
 from bridge.convert import ALIGNMENT, ConversionStats, aligned_empty, td_to_jax
 
 BATCHES = (1, 4, 16, 64, 100)
-BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
-START, END = "<!-- bridge_convert:start -->", "<!-- bridge_convert:end -->"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _report
+from _report import machine_line, write_section  # noqa: E402
 
 
 def make_batch(b: int, seed: int = 0) -> TensorDict:
@@ -99,22 +97,6 @@ def nbytes(td: TensorDict) -> int:
     return sum(t.numel() * t.element_size() for t in td.values(include_nested=True, leaves_only=True))
 
 
-def machine() -> str:
-    """One line describing where the numbers come from."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        model = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-        cpu = f"{cpu} ({model})"
-    except (OSError, StopIteration):
-        pass
-    return (
-        f"{cpu}, {os.cpu_count()} CPUs, jax {jax.__version__} (backend {jax.default_backend()}), "
-        f"torch {torch.__version__}, Python {platform.python_version()}"
-    )
 
 
 def run(batches: tuple[int, ...], reps: int) -> list[dict[str, Any]]:
@@ -141,7 +123,6 @@ def markdown(results: list[dict[str, Any]], reps: int) -> str:
     """The BENCHMARKS.md section, markers included."""
     by = {(r["batch"], r["method"]): r for r in results}
     lines = [
-        START,
         "## bridge_convert",
         "",
         "`td_to_jax` (DLPack, strict zero-copy, 64-byte-aligned sources) vs `jnp.asarray(t.numpy())` per leaf,",
@@ -158,19 +139,10 @@ def markdown(results: list[dict[str, Any]], reps: int) -> str:
         lines.append(
             f"| {b} | {z['bytes'] / 1e6:.2f} | {z['median_ms']:.3f} | {c['median_ms']:.3f} | {ratio:.1f}x |"
         )
-    lines += ["", f"Machine: {machine()}.", END]
+    lines += ["", machine_line()]
     return "\n".join(lines)
 
 
-def write_section(section: str, path: Path = BENCHMARKS_MD) -> None:
-    """Replace only this benchmark's marked section (append it if absent)."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
 
 
 def main() -> None:
@@ -181,7 +153,7 @@ def main() -> None:
     args = parser.parse_args()
     results = run(tuple(args.batches), args.reps)
     if not args.no_write:
-        write_section(markdown(results, args.reps))
+        write_section("bridge_convert", markdown(results, args.reps))
 
 
 if __name__ == "__main__":

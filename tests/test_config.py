@@ -1,6 +1,5 @@
 """Config reading, validation and the CLI's handling of bad input."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path

@@ -14,7 +14,6 @@ Pure functions over a `RolloutState` pytree (jit them, donate the state):
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import jax

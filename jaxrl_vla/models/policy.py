@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from jaxrl_vla.models.distributions import Distribution
 
 Params = Any
 

@@ -21,7 +21,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import flax.linen as nn
 
 from jaxrl_vla.algo import ppo
