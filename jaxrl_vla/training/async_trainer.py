@@ -351,11 +351,10 @@ class AsyncTrainer(Trainer):
 
     # ------------------------------------------------------------------ setup
 
-    def _init_state(self, key: jax.Array) -> TrainState:
+    def _init_state(self, key: jax.Array, params: Any = None) -> TrainState:
         """The learner's state; env state lives in the collectors' host envs."""
         key, init_key, _ = jax.random.split(key, 3)
         example = zeros_like_obs(self.host_env.observation_space, 1)
-        params = self.init_params
         if params is None:
             params = self.policy.init(init_key, example)
         stats = init_stats(jax.tree_util.tree_map(lambda x: x[0], example)) if self.normalize_observations else None
@@ -390,7 +389,7 @@ class AsyncTrainer(Trainer):
         self._act_fn = act
         self._act = jax.jit(act, static_argnames="deterministic")
         self._value_where = jax.jit(partial(value_where, apply_fn))
-        template = jax.eval_shape(self._init_state, jax.random.PRNGKey(0))
+        template = jax.eval_shape(self._init_state, jax.random.PRNGKey(0), self.init_params)
         self._state_shardings = jax.tree_util.tree_map(lambda _: sharding.replicated(self.mesh), template)
         if not is_host_env(self.env):  # a JAX-native env: evaluate with the jitted scan
             eval_env = VecEnv(self.env, self.num_eval_episodes)

@@ -10,6 +10,7 @@ state is donated, so the host only dispatches and logs.
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as _dt
 import json
 import math
@@ -137,13 +138,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
 
-    def _init_state(self, key: jax.Array) -> TrainState:
+    def _init_state(self, key: jax.Array, params: Any = None) -> TrainState:
+        """The initial state (jitted by `train`). Loaded weights come in as `params`,
+        an argument, so a pretrained VLA is never baked into the program as a constant."""
         key, init_key, env_key = jax.random.split(key, 3)
         env_state, obs = self.vec_env.reset(env_key)
         # the state is donated whole: an env whose observation aliases a leaf of its
         # state would donate one buffer twice, so the observation gets its own
         obs = jax.tree_util.tree_map(jnp.copy, obs)
-        params = self.init_params
         if params is None:
             params = self.policy.init(init_key, zeros_like_obs(self.env.observation_space, 1))
         stats = init_stats(jax.tree_util.tree_map(lambda x: x[0], obs)) if self.normalize_observations else None
@@ -181,12 +183,18 @@ class Trainer:
             leaves, self._report_treedef = jax.tree_util.tree_flatten((metrics, episodes))
             return state, jnp.stack([jnp.asarray(x, jnp.float32) for x in leaves])
 
-        template = jax.eval_shape(self._init_state, jax.random.PRNGKey(0))
+        template = jax.eval_shape(self._init_state, jax.random.PRNGKey(0), self.init_params)
         state_shardings = self._shardings(template)
         self._iteration = jax.jit(
             iteration, donate_argnums=0, out_shardings=(state_shardings, sharding.replicated(self.mesh))
         )
         self._state_shardings = state_shardings
+        # compile the iteration on a second core while this one initialises the state
+        abstract_state = jax.tree_util.tree_map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), template, state_shardings
+        )
+        self._compiler = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="compile")
+        self._iteration_compiled = self._compiler.submit(lambda: self._iteration.lower(abstract_state).compile())
         eval_env = VecEnv(self.env, self.num_eval_episodes)
         max_steps = int(getattr(self.env, "max_episode_steps", 1000))
         self._evaluate = jax.jit(make_evaluate_fn(apply_fn, eval_env, max_steps, self.chunk))
@@ -194,24 +202,15 @@ class Trainer:
             self._precompile_evaluation(template)
 
     def _precompile_evaluation(self, template: TrainState) -> None:
-        """Compile the evaluation program on a second thread while the first
-        iteration compiles on this one: XLA compiles each program on one core,
-        so on a 2-core laptop this takes evaluation off the time to first result."""
+        """Compile the evaluation program on a second thread too: XLA compiles each
+        program on one core, so on a 2-core laptop this takes evaluation off the
+        time to the first result."""
         replicated = sharding.replicated(self.mesh)
         abstract = jax.tree_util.tree_map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
             (template.params, template.obs_stats, self._eval_key()),
         )
-        self._evaluate_compiled = None
-
-        def compile_evaluation() -> None:
-            try:
-                self._evaluate_compiled = self._evaluate.lower(*abstract).compile()
-            except Exception:  # noqa: BLE001 - evaluate() falls back to the plain jit and reports errors there
-                self._evaluate_compiled = None
-
-        self._eval_compiler = threading.Thread(target=compile_evaluation, name="compile-evaluation", daemon=True)
-        self._eval_compiler.start()
+        self._evaluate_compiled = self._compiler.submit(lambda: self._evaluate.lower(*abstract).compile())
 
     def _eval_key(self) -> jax.Array:
         return jax.random.PRNGKey(self.seed + 1)
@@ -236,11 +235,8 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float | None]:
         """Deterministic evaluation over num_eval_episodes first episodes."""
-        evaluate = self._evaluate
-        compiler = getattr(self, "_eval_compiler", None)
-        if compiler is not None:
-            compiler.join()
-            evaluate = self._evaluate_compiled or self._evaluate
+        future = getattr(self, "_evaluate_compiled", None)
+        evaluate = self._evaluate if future is None else future.result()
         key = jax.device_put(self._eval_key(), sharding.replicated(self.mesh))
         stats = jax.device_get(evaluate(self.state.params, self.state.obs_stats, key))
         out = episode_summary(stats, prefix="eval/")
@@ -262,7 +258,8 @@ class Trainer:
         self._build(total_iterations)
         self._open_run(Path(resume) if resume else None)
         checkpointer = Checkpointer(self.run_dir)
-        state = jax.device_put(self._init_state(jax.random.PRNGKey(self.seed)), self._state_shardings)
+        init = jax.jit(self._init_state, out_shardings=self._state_shardings)
+        state = init(jax.random.PRNGKey(self.seed), self.init_params)
         if resume:
             state, _ = checkpointer.restore(state)
         self.state = state
@@ -276,6 +273,8 @@ class Trainer:
             interrupted = self._loop(start, total_iterations, logger, checkpointer)
         finally:
             self._stop_workers()
+            if getattr(self, "_compiler", None) is not None:
+                self._compiler.shutdown(wait=False)
             if self._pending is not None:  # the loop raised after a prefetch: its state is the newest
                 self.state, self._pending = self._pending[0], None
             jax.block_until_ready(self.state)
@@ -350,15 +349,19 @@ class Trainer:
         of this one. The returned state is then donated to that call: the loop
         only prefetches when nothing (evaluation, checkpoint, the end) needs it.
         """
-        result = self._pending if self._pending is not None else self._iteration(self.state)
+        result = self._pending if self._pending is not None else self._step()(self.state)
         self._pending = None
         new_state, report = result
         report, global_step = jax.device_get((report, new_state.global_step))
         metrics, episodes = jax.tree_util.tree_unflatten(self._report_treedef, list(report))
         metrics = dict(metrics, global_step=global_step)
         if prefetch:
-            self._pending = self._iteration(new_state)
+            self._pending = self._step()(new_state)
         return new_state, metrics, episodes
+
+    def _step(self) -> Callable:
+        """The compiled iteration (waits for the background compile the first time)."""
+        return self._iteration_compiled.result()
 
     def _start_workers(self, start_iteration: int) -> None:
         """Hook: start background work before the loop (the async trainer's collectors)."""
