@@ -179,14 +179,17 @@ class Trainer:
             )
             state = state.replace(key=key, env_state=env_state, obs=obs)
             state, metrics = learn(state, transitions, last_value)
-            # one float32 vector for every scalar: a single device->host transfer per iteration
+            # one float32 vector for every scalar: a single device->host transfer per iteration;
+            # the step counter is returned apart from the (donated) state so it can be read later
             leaves, self._report_treedef = jax.tree_util.tree_flatten((metrics, episodes))
-            return state, jnp.stack([jnp.asarray(x, jnp.float32) for x in leaves])
+            return state, jnp.stack([jnp.asarray(x, jnp.float32) for x in leaves]), state.global_step + 0
 
         template = jax.eval_shape(self._init_state, jax.random.PRNGKey(0), self.init_params)
         state_shardings = self._shardings(template)
         self._iteration = jax.jit(
-            iteration, donate_argnums=0, out_shardings=(state_shardings, sharding.replicated(self.mesh))
+            iteration,
+            donate_argnums=0,
+            out_shardings=(state_shardings, sharding.replicated(self.mesh), sharding.replicated(self.mesh)),
         )
         self._state_shardings = state_shardings
         # compile the iteration on a second core while this one initialises the state
@@ -344,19 +347,19 @@ class Trainer:
         None means a stop request ended it before it finished. The async trainer
         overrides this (collectors feed it); standard mode runs one jitted call.
 
-        With `prefetch`, the next iteration is dispatched as soon as this one's
-        results are on the host, so its device work overlaps the host's logging
-        of this one. The returned state is then donated to that call: the loop
+        With `prefetch`, the next iteration is dispatched before this one's
+        results are fetched, so the device runs back to back while the host
+        logs. The returned state is then donated to that call: the loop
         only prefetches when nothing (evaluation, checkpoint, the end) needs it.
         """
         result = self._pending if self._pending is not None else self._step()(self.state)
         self._pending = None
-        new_state, report = result
-        report, global_step = jax.device_get((report, new_state.global_step))
+        new_state, report, global_step = result
+        if prefetch:  # queued behind this one before waiting for it: the device never idles
+            self._pending = self._step()(new_state)
+        report, global_step = jax.device_get((report, global_step))
         metrics, episodes = jax.tree_util.tree_unflatten(self._report_treedef, list(report))
         metrics = dict(metrics, global_step=global_step)
-        if prefetch:
-            self._pending = self._step()(new_state)
         return new_state, metrics, episodes
 
     def _step(self) -> Callable:
