@@ -70,7 +70,7 @@ from jaxrl_vla.envs.wrappers import VecEnv
 from jaxrl_vla.models.policy import zeros_like_obs
 from jaxrl_vla.training import sharding
 from jaxrl_vla.training.acting import act_chunk, state_value, value_where
-from jaxrl_vla.training.learner import TrainState, make_learn_fn
+from jaxrl_vla.training.learner import TrainState, initial_train_state, make_learn_fn
 from jaxrl_vla.training.normalizer import init_stats
 from jaxrl_vla.training.rollout import EpisodeStats, make_evaluate_fn
 from jaxrl_vla.training.trainer import BUFFER_TYPES, Trainer, episode_summary
@@ -358,14 +358,7 @@ class AsyncTrainer(Trainer):
         if params is None:
             params = self.policy.init(init_key, example)
         stats = init_stats(jax.tree_util.tree_map(lambda x: x[0], example)) if self.normalize_observations else None
-        return TrainState(
-            params=params,
-            opt_state=self.optimizer.init(params),
-            obs_stats=stats,
-            key=key,
-            global_step=jnp.zeros((), jnp.int32),
-            iteration=jnp.zeros((), jnp.int32),
-        )
+        return initial_train_state(params, self.optimizer, stats, key)
 
     def _build(self, total_iterations: int) -> None:
         num_minibatches = self.cfg.num_minibatches(self.samples_per_iteration)

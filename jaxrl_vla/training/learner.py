@@ -32,6 +32,23 @@ class TrainState:
     obs: Any = None
 
 
+def initial_train_state(
+    params: Any, optimizer: optax.GradientTransformation, obs_stats: RunningStats | None, key: jax.Array,
+    env_state: Any = None, obs: Any = None,
+) -> TrainState:
+    """A TrainState at iteration 0 (both trainers start from this)."""
+    return TrainState(
+        params=params,
+        opt_state=optimizer.init(params),
+        obs_stats=obs_stats,
+        key=key,
+        global_step=jnp.zeros((), jnp.int32),
+        iteration=jnp.zeros((), jnp.int32),
+        env_state=env_state,
+        obs=obs,
+    )
+
+
 def make_learn_fn(
     apply_fn: Callable, optimizer: optax.GradientTransformation, cfg: ppo.PPOConfig
 ) -> Callable[[TrainState, Transition, jax.Array], tuple[TrainState, dict]]:

@@ -30,7 +30,7 @@ from jaxrl_vla.envs.wrappers import VecEnv
 from jaxrl_vla.models.policy import action_chunk_size, zeros_like_obs
 from jaxrl_vla.training import sharding
 from jaxrl_vla.training.checkpoint import Checkpointer
-from jaxrl_vla.training.learner import TrainState, make_learn_fn
+from jaxrl_vla.training.learner import TrainState, initial_train_state, make_learn_fn
 from jaxrl_vla.training.logging import RunLogger
 from jaxrl_vla.training.normalizer import init_stats
 from jaxrl_vla.training.rollout import EpisodeStats, make_evaluate_fn, make_rollout_fn
@@ -149,16 +149,7 @@ class Trainer:
         if params is None:
             params = self.policy.init(init_key, zeros_like_obs(self.env.observation_space, 1))
         stats = init_stats(jax.tree_util.tree_map(lambda x: x[0], obs)) if self.normalize_observations else None
-        return TrainState(
-            params=params,
-            opt_state=self.optimizer.init(params),
-            obs_stats=stats,
-            key=key,
-            global_step=jnp.zeros((), jnp.int32),
-            iteration=jnp.zeros((), jnp.int32),
-            env_state=env_state,
-            obs=obs,
-        )
+        return initial_train_state(params, self.optimizer, stats, key, env_state, obs)
 
     def _shardings(self, state: TrainState) -> TrainState:
         return sharding.batch_sharded(self.mesh, state, self.num_envs)
