@@ -181,8 +181,8 @@ def build_pair(**overrides):
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"action_chunk": 2, "use_depth": True}, {"proprio_dim": 0}],
-    ids=["plain", "chunk2-depth", "no-proprio"],
+    [{}, {"action_chunk": 2, "use_depth": True}, {"proprio_dim": 0}, {"image_tokens": "spatial", "n_positions": 32}],
+    ids=["plain", "chunk2-depth", "no-proprio", "spatial-image-tokens"],
 )
 def test_vla_outputs_match_torch(overrides):
     cfg, ref, model, variables = build_pair(**overrides)
@@ -214,6 +214,23 @@ def test_vla_outputs_match_torch(overrides):
     assert max_abs(got_ent, want_ent) <= 1e-4
 
 
+def test_spatial_image_tokens_follow_the_feature_map():
+    """One token per cell of the last feature map, and the sequence length the config predicts."""
+    cfg = VLAModelConfig.from_dict(tiny_vla_config(image_tokens="spatial", n_positions=32))
+    model = GPTVLAModel(cfg)
+    obs = to_jax(random_obs(cfg, batch=2))
+    variables = model.init(jax.random.key(0), obs)
+    _, state = model.apply(variables, obs, capture_intermediates=True, mutable=["intermediates"])
+    _, feature_map = state["intermediates"]["vision"]["__call__"][0]
+    side = feature_map.shape[1]
+    assert feature_map.shape[1:3] == (side, side) and cfg.num_image_tokens == side * side > 1
+    image_tokens = state["intermediates"]["image_proj"]["__call__"][0]
+    assert image_tokens.shape[:2] == (2, side * side)
+    # row-major order: token r*side + c is cell (r, c)
+    want = model.apply(variables, feature_map[:, 1, 0], method=lambda m, x: m.image_proj(x))
+    np.testing.assert_allclose(np.asarray(image_tokens[:, side]), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
 def ppo_loss_terms(logp, entropy, value, old_logp, advantages, returns):
     """Clipped surrogate + value loss - entropy bonus; works on torch tensors and JAX arrays alike."""
     lib = torch if isinstance(logp, torch.Tensor) else jnp
@@ -224,8 +241,9 @@ def ppo_loss_terms(logp, entropy, value, old_logp, advantages, returns):
     return policy_loss + 0.5 * value_loss - 0.01 * entropy.mean()
 
 
-def test_ppo_gradients_match_torch():
-    cfg, ref, model, variables = build_pair(action_chunk=1)
+@pytest.mark.parametrize("image_tokens", ["pooled", "spatial"])
+def test_ppo_gradients_match_torch(image_tokens):
+    cfg, ref, model, variables = build_pair(action_chunk=1, image_tokens=image_tokens, n_positions=32)
     ref.train()  # the twin keeps BatchNorm frozen even in train mode; dropout is off
     obs = random_obs(cfg, batch=6, seed=3)
     gen = torch.Generator().manual_seed(4)

@@ -89,14 +89,18 @@ class GPTVLAModel(nn.Module):
         return self
 
     def features(self, obs: Any) -> torch.Tensor:
-        """The GPT-2 hidden state [B, E] at the last valid token of [img, proprio, lang...]."""
+        """The GPT-2 hidden state [B, E] at the last valid token of [img..., proprio, lang...]."""
         cfg = self.config
-        pooled = self.vision(pixel_values=pixels_from_obs(obs, cfg.use_depth)).pooler_output.flatten(1)
-        batch = pooled.shape[0]
-        tokens = [self.image_proj(pooled)[:, None]]
+        vision = self.vision(pixel_values=pixels_from_obs(obs, cfg.use_depth))
+        if cfg.image_tokens == "spatial":
+            image = vision.last_hidden_state.flatten(2).transpose(1, 2)  # [B, C, h, w] -> [B, h*w, C], row-major
+        else:
+            image = vision.pooler_output.flatten(1)[:, None]
+        batch = image.shape[0]
+        tokens = [self.image_proj(image)]
         if cfg.proprio_dim > 0:
             tokens.append(self.proprio_proj(obs["proprio"].float())[:, None])
-        masks = [torch.ones(batch, cfg.num_prefix_tokens, dtype=torch.bool, device=pooled.device)]
+        masks = [torch.ones(batch, cfg.num_prefix_tokens, dtype=torch.bool, device=image.device)]
         if _has(obs, "language"):
             ids = obs["language"].long()
             tokens.append(self.language.wte(ids))

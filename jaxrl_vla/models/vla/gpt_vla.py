@@ -3,10 +3,13 @@
 Architecture (identical to the torch twin `bridge.vla_models.GPTVLAModel`,
 whose weights `bridge.load_vla_model` converts into this module):
 
-    rgb uint8 [B,H,W,3] -> /255 -> ResNet -> pooled [B,C] -> image_proj -> token 0
-    proprio [B,P]                          -> proprio_proj -> token 1   (if proprio_dim > 0)
-    language ids [B,L] -> GPT-2 wte                          -> tokens 2..L+1
-    [img, proprio, lang...] + positions -> GPT-2 blocks (causal, padding masked) -> ln_f
+    rgb uint8 [B,H,W,3] -> /255 -> ResNet -> image tokens -> image_proj -> tokens 0..I-1
+        image_tokens="pooled":  the globally pooled features [B,C], one token (I = 1)
+        image_tokens="spatial": the last feature map [B,h,w,C], one token per cell (I = h*w),
+                                row-major, told apart by GPT-2's position embeddings
+    proprio [B,P]                          -> proprio_proj -> token I   (if proprio_dim > 0)
+    language ids [B,L] -> GPT-2 wte                          -> the next L tokens
+    [img..., proprio, lang...] + positions -> GPT-2 blocks (causal, padding masked) -> ln_f
     hidden state at the last valid token -> action_mean (Dense, [B,A] or [B,H,A]) + log_std param
                                          -> value_fc -> tanh -> value_out -> [B,1]
 
@@ -14,6 +17,12 @@ Design choices, and why:
 - The readout is the *last valid* token: with causal attention it is the only
   position that has seen the image, the proprio state and the whole
   instruction. It is found from the mask, so left or right padding both work.
+- Spatial image tokens keep *where* things are. A single pooled vector has to
+  encode every object's position and identity in C numbers before the
+  instruction is seen; with one token per feature-map cell the instruction
+  tokens can attend to the cell that holds "the red square" (how ViT-based
+  VLAs ground language). On VLReach the pooled variant's behaviour cloning
+  stalled near the instruction-agnostic success rate; see BENCHMARKS.md.
 - The prefix tokens are always valid, so no query row is ever fully masked
   (such rows are implementation-defined in torch; see gpt2.py).
 - Depth is ignored unless `use_depth=True`, in which case it is appended as a
@@ -44,6 +53,9 @@ import flax.linen as nn
 from jaxrl_vla.models.distributions import DiagGaussian
 from jaxrl_vla.models.vla.gpt2 import GPT2_PRESETS, GPT2Config, GPT2Model, gpt2_config
 from jaxrl_vla.models.vla.resnet import RESNET_PRESETS, ResNetConfig, ResNetModel, resnet_config
+
+
+IMAGE_TOKEN_MODES = ("pooled", "spatial")
 
 
 class VLAConfigError(ValueError):
@@ -81,6 +93,7 @@ class VLAModelConfig:
     image_size: int = 224
     use_depth: bool = False
     value_hidden_dim: int = 256
+    image_tokens: str = "pooled"  # "pooled" (one token) | "spatial" (one per feature-map cell)
     init_log_std: float = 0.0
     freeze_vision_encoder: bool = False
     freeze_language_model: bool = False
@@ -93,6 +106,8 @@ class VLAModelConfig:
         for name in ("action_dim", "action_chunk", "max_instruction_length", "image_size", "value_hidden_dim"):
             if getattr(self, name) < 1:
                 raise VLAConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.image_tokens not in IMAGE_TOKEN_MODES:
+            raise VLAConfigError(f"image_tokens must be one of {list(IMAGE_TOKEN_MODES)}, got {self.image_tokens!r}")
         if self.proprio_dim < 0:
             raise VLAConfigError(f"proprio_dim must be >= 0, got {self.proprio_dim}")
         needed = self.num_prefix_tokens + self.max_instruction_length
@@ -146,9 +161,31 @@ class VLAModelConfig:
         )
 
     @property
+    def num_image_tokens(self) -> int:
+        """Tokens the image becomes: 1 pooled, or one per cell of the ResNet's last feature map."""
+        if self.image_tokens == "pooled":
+            return 1
+        return feature_map_side(self.resnet_config(), self.image_size) ** 2
+
+    @property
     def num_prefix_tokens(self) -> int:
-        """Non-text tokens before the instruction: the image, plus proprio if present."""
-        return 1 + int(self.proprio_dim > 0)
+        """Non-text tokens before the instruction: the image's, plus proprio if present."""
+        return self.num_image_tokens + int(self.proprio_dim > 0)
+
+
+def feature_map_side(config: ResNetConfig, image_size: int) -> int:
+    """Side of the ResNet's last feature map for square inputs of `image_size` pixels.
+
+    The stem (7x7 stride-2 conv, 3x3 stride-2 max-pool) and every downsampling
+    stage (stride 2, "same"-style padding) each map a side s to ceil(s / 2), as
+    in transformers' ResNetModel. Stage 1 downsamples only with
+    `downsample_in_first_stage`.
+    """
+    halvings = 2 + len(config.hidden_sizes) - 1 + int(config.downsample_in_first_stage)
+    side = image_size
+    for _ in range(halvings):
+        side = -(-side // 2)
+    return side
 
 
 def dummy_obs(config: VLAModelConfig, batch: int = 1) -> dict[str, jax.Array]:
@@ -216,11 +253,15 @@ class GPTVLAModel(nn.Module):
     def features(self, obs: Mapping[str, jax.Array]) -> jax.Array:
         """The GPT-2 hidden state [B, E] (float32) at the last valid token."""
         cfg = self.config
-        pooled, _ = self.vision(pixels_from_obs(obs, cfg.use_depth).astype(self.dtype))
-        tokens = [self.image_proj(pooled.astype(self.dtype))[:, None]]
+        pooled, feature_map = self.vision(pixels_from_obs(obs, cfg.use_depth).astype(self.dtype))
+        batch = pooled.shape[0]
+        if cfg.image_tokens == "spatial":
+            image = feature_map.reshape(batch, -1, feature_map.shape[-1])  # row-major cells
+        else:
+            image = pooled[:, None]
+        tokens = [self.image_proj(image.astype(self.dtype))]
         if cfg.proprio_dim > 0:
             tokens.append(self.proprio_proj(obs["proprio"].astype(self.dtype))[:, None])
-        batch = pooled.shape[0]
         mask = [jnp.ones((batch, cfg.num_prefix_tokens), bool)]
         if "language" in obs:
             ids = obs["language"]
