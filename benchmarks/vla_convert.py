@@ -21,14 +21,20 @@ measured run).
 PPO: `ppo.update` jitted on a VLAPolicy vs a hand-written torch eager loop on
 the torch twin (at 2 and at 1 intra-op threads), same initial weights
 (converted), same batch, the same shuffled minibatch orders (derived from the
-JAX update key), same loss and Adam/clip settings. A third variant runs the
-same maths as one jitted step per minibatch looped on the host: the prototype
-of a fix for XLA:CPU's slow conv backward inside `lax.scan` (see
+JAX update key), same loss and Adam/clip settings. XLA:CPU runs a conv's kernel
+gradient slowly inside `lax.scan` (jax-ml/jax#12868); the ResNet twin therefore
+computes its conv backward as im2col on CPU (`ResNetConfig.conv_impl="auto"`).
+Two more JAX variants measure that fix against what it replaced:
+`jax_scan_xla_conv` is `ppo.update` with the ResNet forced to
+`conv_impl="xla"` (XLA's convolution in the backward too, the previous
+behaviour), and `jax_host_loop` runs the same maths as one jitted step per
+minibatch looped on the host, the earlier prototype of a fix (see
 `make_host_loop_update`). One update is checked for agreement before timing;
 timed updates then alternate between variants so all see the same machine
 load. Wall and process CPU time are both reported: the machine may be shared.
 
     python benchmarks/vla_convert.py [--sizes tiny small] [--reps 3] [--convert-reps 1] [--no-write]
+    python benchmarks/vla_convert.py --skip-convert --no-write   # PPO throughput only, BENCHMARKS.md untouched
 
 Prints one JSON line per result and rewrites the `vla_convert` section of
 BENCHMARKS.md.
@@ -381,6 +387,23 @@ def jax_minibatch_orders(key: jax.Array, n: int, mb: int, epochs: int) -> np.nda
     return np.stack([np.asarray(jax.random.permutation(k, n)[:used]).reshape(-1, mb) for k in epoch_keys])
 
 
+def _with_conv_impl(cfg: Any, conv_impl: str) -> Any:
+    """`cfg` (a VLAModelConfig) whose ResNet computes its convolutions with `conv_impl`.
+
+    VLAModelConfig has no field for it (it is no part of the network), so a
+    subclass overrides `resnet_config()`; parameters are unchanged.
+    """
+    import dataclasses
+
+    base = type(cfg)
+
+    class ConvImplConfig(base):  # type: ignore[misc, valid-type]
+        def resnet_config(self):
+            return dataclasses.replace(base.resnet_config(self), conv_impl=conv_impl)
+
+    return ConvImplConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
+
+
 def _setup_pair(model_config: dict[str, Any], seed: int = 0):
     """torch twin (torch init) and the JAX VLAPolicy with the same weights, converted and owned."""
     from bridge.vla_loading import torch_to_flax
@@ -524,17 +547,21 @@ def _median_or_first(clock: Clock, first: tuple[float, float]) -> tuple[float, f
 def run_ppo(size: str, reps: int, slow_limit_s: float = 45.0) -> list[dict[str, Any]]:
     """Compile, run one identical update per variant (checked against each other), then time `reps` alternating.
 
-    Variants: `ppo.update` jitted as shipped (nested lax.scan), the host-loop
-    prototype, torch eager with 2 and with 1 thread. A variant whose checked
+    Variants: `ppo.update` jitted as shipped (nested lax.scan; the ResNet's
+    conv_impl "auto"), the same with the ResNet forced to conv_impl "xla"
+    (before the im2col backward), the host-loop prototype, torch eager with 2
+    and with 1 thread. A variant whose checked
     update took longer than `slow_limit_s` is not repeated (its one update is
     reported) to keep the run short.
     """
     import copy
 
     from jaxrl_vla.algo import ppo
-    from jaxrl_vla.models.vla_policy import trainable_mask
+    from jaxrl_vla.models.vla import GPTVLAModel
+    from jaxrl_vla.models.vla_policy import VLAPolicy, trainable_mask
 
     cfg, ref, policy, variables = _setup_pair(PPO_SIZES[size])
+    xla_conv_policy = VLAPolicy(GPTVLAModel(_with_conv_impl(cfg, "xla")))
     torch_data, batch = _make_batches(cfg, ref, make_ppo_data(cfg, PPO_SAMPLES))
     torch_sides = {"torch_2threads": TorchSide(ref, 2), "torch_1thread": TorchSide(copy.deepcopy(ref), 1)}
     initial = {k: v.clone() for k, v in ref.state_dict().items()}
@@ -548,23 +575,27 @@ def run_ppo(size: str, reps: int, slow_limit_s: float = 45.0) -> list[dict[str, 
     loadavg_before = os.getloadavg()[0]
 
     state = {"jax_scan": (variables, tx.init(variables))}
+    xla_conv_params = jax.tree_util.tree_map(jnp.copy, variables)
+    state["jax_scan_xla_conv"] = (xla_conv_params, tx.init(xla_conv_params))
     host_params = jax.tree_util.tree_map(jnp.copy, variables)
     state["jax_host_loop"] = (host_params, tx.init(host_params))
     compile_s = {}
-    start = time.perf_counter()
-    scan_update = (
-        jax.jit(functools.partial(ppo.update, apply_fn=policy.apply, optimizer=tx, cfg=ppo_cfg), donate_argnums=(0, 1))
-        .lower(*state["jax_scan"], batch, keys[0]).compile()
-    )
-    compile_s["jax_scan"] = time.perf_counter() - start
+    scan_updates = {}
+    for name, apply_fn in (("jax_scan", policy.apply), ("jax_scan_xla_conv", xla_conv_policy.apply)):
+        start = time.perf_counter()
+        scan_updates[name] = (
+            jax.jit(functools.partial(ppo.update, apply_fn=apply_fn, optimizer=tx, cfg=ppo_cfg), donate_argnums=(0, 1))
+            .lower(*state[name], batch, keys[0]).compile()
+        )
+        compile_s[name] = time.perf_counter() - start
     host_step, host_update = make_host_loop_update(policy.apply, tx, ppo_cfg)
     start = time.perf_counter()
     host_step = host_step.lower(*state["jax_host_loop"], batch, jax_orders[0][0, 0]).compile()
     compile_s["jax_host_loop"] = time.perf_counter() - start
 
-    def scan_call(i: int) -> float:
-        params, opt_state, metrics = scan_update(*state["jax_scan"], batch, keys[i])
-        state["jax_scan"] = (params, opt_state)
+    def scan_call(name: str, i: int) -> float:
+        params, opt_state, metrics = scan_updates[name](*state[name], batch, keys[i])
+        state[name] = (params, opt_state)
         return jax.block_until_ready(metrics["loss/total"])
 
     def host_call(i: int) -> float:
@@ -572,7 +603,8 @@ def run_ppo(size: str, reps: int, slow_limit_s: float = 45.0) -> list[dict[str, 
         state["jax_host_loop"] = (params, opt_state)
         return jax.block_until_ready(loss)
 
-    calls = {"jax_scan": scan_call, "jax_host_loop": host_call}
+    calls = {name: functools.partial(scan_call, name) for name in scan_updates}
+    calls["jax_host_loop"] = host_call
     for name, side in torch_sides.items():
         calls[name] = functools.partial(lambda side, i: side.update(torch_data, torch_orders[i]), side)
     clocks = {name: Clock() for name in calls}
@@ -668,7 +700,8 @@ def convert_markdown(rows: list[dict[str, Any]]) -> list[str]:
 
 
 VARIANT_LABELS = {
-    "jax_scan": "JAX `ppo.update` (jit, nested lax.scan, as shipped)",
+    "jax_scan": "JAX `ppo.update` (jit, nested lax.scan, as shipped: im2col conv backward on CPU)",
+    "jax_scan_xla_conv": "JAX `ppo.update`, ResNet conv_impl=\"xla\" (XLA conv backward, before the fix)",
     "jax_host_loop": "JAX jitted minibatch step, host loop (prototype fix)",
     "torch_2threads": "torch eager, 2 threads",
     "torch_1thread": "torch eager, 1 thread",
@@ -705,6 +738,7 @@ def ppo_markdown(rows: list[dict[str, Any]]) -> list[str]:
     checks = "; ".join(
         f"{r['model']}: max abs weight difference to torch after update 0 "
         f"{r['checks']['jax_scan_vs_torch_max_abs_weight_diff']:.1e} (scan), "
+        f"{r['checks']['jax_scan_xla_conv_vs_torch_max_abs_weight_diff']:.1e} (scan, XLA conv), "
         f"{r['checks']['jax_host_loop_vs_torch_max_abs_weight_diff']:.1e} (host loop), against a largest weight "
         f"change of {r['checks']['torch_max_abs_weight_change']:.1e} (8 Adam steps) and a torch 1-thread vs "
         f"2-thread difference of {r['checks']['torch_1thread_vs_2threads_max_abs_weight_diff']:.1e}"
@@ -748,7 +782,8 @@ def interpretation(conv: list[dict[str, Any]], ppo_rows: list[dict[str, Any]]) -
     by_ppo = {(r["model"], r["variant"]): r for r in ppo_rows}
     for model in dict.fromkeys(r["model"] for r in ppo_rows):
         scan, host = by_ppo.get((model, "jax_scan")), by_ppo.get((model, "jax_host_loop"))
-        if not (scan and host):
+        xla_conv = by_ppo.get((model, "jax_scan_xla_conv"))
+        if not (scan and host and xla_conv):
             continue
         best = by_ppo[(model, scan["best_torch"])]
         verdict = "ahead of" if scan["speedup_vs_best_torch"] > 1 else "behind"
@@ -756,10 +791,12 @@ def interpretation(conv: list[dict[str, Any]], ppo_rows: list[dict[str, Any]]) -
         out.append(
             f"- PPO `{model}`: `ppo.update` as shipped is {verdict} torch: {scan['samples_per_s']:,.0f} vs "
             f"{best['samples_per_s']:,.0f} samples/s ({VARIANT_LABELS[best['variant']]}), "
-            f"{scan['cpu_speedup_vs_best_torch']:.2f}x in CPU time. The same maths as one jitted step per minibatch "
-            f"(host loop) runs {host['samples_per_s']:,.0f} samples/s, {host_verdict} torch "
-            f"({host['speedup_vs_best_torch']:.2f}x wall, {host['cpu_speedup_vs_best_torch']:.2f}x CPU), using "
-            f"{scan['cpu_s_per_update'] / host['cpu_s_per_update']:.1f}x less CPU than the scan."
+            f"{scan['cpu_speedup_vs_best_torch']:.2f}x in CPU time. With XLA's convolution in the backward "
+            f"(conv_impl=\"xla\", before the fix) it runs {xla_conv['samples_per_s']:,.0f} samples/s: the im2col "
+            f"backward is {xla_conv['ms_per_update'] / scan['ms_per_update']:.1f}x faster in wall time, "
+            f"{xla_conv['cpu_s_per_update'] / scan['cpu_s_per_update']:.1f}x in CPU time. The same maths as one "
+            f"jitted step per minibatch (host loop) runs {host['samples_per_s']:,.0f} samples/s, {host_verdict} "
+            f"torch ({host['speedup_vs_best_torch']:.2f}x wall, {host['cpu_speedup_vs_best_torch']:.2f}x CPU)."
         )
     models = dict.fromkeys(r["model"] for r in ppo_rows)
     tt = [(by_ppo.get((m, "torch_2threads")), by_ppo.get((m, "torch_1thread"))) for m in models]
@@ -768,22 +805,25 @@ def interpretation(conv: list[dict[str, Any]], ppo_rows: list[dict[str, Any]]) -
             "- torch with 2 threads was slower than with 1 on this shared machine: its OpenMP workers spin-wait "
             "at op boundaries, which costs time and CPU when the cores are oversubscribed by other jobs."
         )
-    hosts = [r for r in ppo_rows if r["variant"] == "jax_host_loop"]
-    if hosts and all(r["speedup_vs_best_torch"] < 1 for r in hosts):
+    scans = [r for r in ppo_rows if r["variant"] == "jax_scan"]
+    if scans and all(r["speedup_vs_best_torch"] < 1 for r in scans):
         out.append(
-            "- So the issue's target (JAX ahead of torch eager) is not met on this CPU for conv VLAs: the shipped "
-            "update loses ~10x to the loop problem below, and even without it the jitted step is behind torch "
-            "at these sizes (XLA:CPU's convolutions against torch's oneDNN ones)."
+            "- So the issue's target (JAX ahead of torch eager) is not met on this CPU for conv VLAs: even with the "
+            "im2col backward the jitted update is behind torch at these sizes (XLA:CPU's convolutions and "
+            "matmuls against torch's oneDNN ones)."
         )
     if ppo_rows:
         out.append(
-            "- Why the scan is slow: inside `ppo.update`'s nested `lax.scan` (an XLA while loop) XLA:CPU keeps the "
-            "kernel-gradient convolution of the ResNet in a non-canonical layout (`dim_labels=f01b_i01o->01bf`) and "
-            "emits it as a generic loop nest; outside a loop the same convolution is canonicalised to "
-            "`b01f_01io->b01f` and runs in the Eigen convolution kernel (cf. jax-ml/jax#12868, open). Forward "
-            "passes are not affected. Fixes in `jaxrl_vla/algo/ppo.py`: unroll the minibatch/epoch scans on CPU "
-            "(`lax.scan(..., unroll=True)`: same speed as the host loop, but compile time grows with "
-            "epochs x minibatches), or loop over a jitted minibatch step on the host for conv policies on CPU."
+            "- Why XLA's convolution is slow in the scan: inside `ppo.update`'s nested `lax.scan` (an XLA while "
+            "loop) XLA:CPU keeps the kernel-gradient convolution of the ResNet in a non-canonical layout "
+            "(`dim_labels=f01b_i01o->01bf`) and emits it as a generic loop nest; outside a loop the same "
+            "convolution is canonicalised to `b01f_01io->b01f` and runs in the Eigen convolution kernel (cf. "
+            "jax-ml/jax#12868, open). Forward passes are not affected. The fix shipped in "
+            "`jaxrl_vla/models/vla/resnet.py` (`conv_impl=\"auto\"` -> `conv.conv_general_dilated_cpu` on the CPU "
+            "backend) keeps XLA's forward convolution and computes the backward as im2col (strided slices + "
+            "matmul), which XLA runs at full speed inside loops; parameters and forward outputs are unchanged. "
+            "Unrolling the scans or a host loop would also avoid the loop, at the cost of compile time or of "
+            "changing `ppo.update`."
         )
     return out
 
@@ -807,7 +847,8 @@ def main() -> None:
                         help="PPO model sizes (small takes ~4 min on 2 shared cores; none: skip PPO)")
     parser.add_argument("--reps", type=int, default=3, help="timed PPO updates per variant")
     parser.add_argument("--convert-reps", type=int, default=1, help="fresh processes per conversion row")
-    parser.add_argument("--skip-convert", action="store_true")
+    parser.add_argument("--skip-convert", action="store_true",
+                        help="skip the checkpoint conversion rows (with --no-write: PPO throughput only)")
     parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)

@@ -18,6 +18,14 @@ Conventions that matter for parity with torch:
   sample's action depend on which other samples share its minibatch. Treat
   `batch_stats` as non-trainable state; only `params` (BN scale/bias included)
   are optimised.
+
+How convolutions are computed (`ResNetConfig.conv_impl`, default "auto"):
+XLA:CPU runs a convolution's kernel gradient ~10x slower when it sits inside a
+while loop (jax-ml/jax#12868), and PPO's update is a nested `lax.scan`. On the
+CPU backend the convolutions therefore use `conv.conv_general_dilated_cpu`:
+XLA's forward, an im2col (slices + matmul) backward. On GPU/TPU ("auto" ->
+"xla") cuDNN's/XLA's convolution is used throughout. The choice changes no
+parameter name, shape or layout, and the forward output not at all.
 """
 
 from __future__ import annotations
@@ -28,9 +36,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+from jax import lax
+
+from jaxrl_vla.models.vla.conv import conv_general_dilated_cpu
 
 BN_EPSILON = 1e-5  # torch.nn.BatchNorm2d default
 _ACTIVATIONS = {"relu": nn.relu, "gelu": lambda x: nn.gelu(x, approximate=False), "silu": nn.silu}
+CONV_IMPLS = ("auto", "xla", "im2col")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +51,14 @@ class ResNetConfig:
 
     `to_hf_kwargs()` gives the keyword arguments for the torch config, so the
     two twins are always built from one description.
+
+    `conv_impl` is not part of the network (torch has no such field, and it
+    changes no parameter): how the Flax twin computes its convolutions.
+    "xla": `lax.conv_general_dilated`. "im2col": XLA's forward with an im2col
+    backward (`conv.conv_general_dilated_cpu`), because XLA:CPU runs the conv
+    kernel gradient ~10x slower inside `lax.scan` loops such as PPO's update
+    (jax-ml/jax#12868). "auto" (default): "im2col" when `jax.default_backend()`
+    is "cpu" at trace time, else "xla" (cuDNN is fast on GPU).
     """
 
     num_channels: int = 3
@@ -49,6 +69,7 @@ class ResNetConfig:
     hidden_act: str = "relu"
     downsample_in_first_stage: bool = False
     downsample_in_bottleneck: bool = False
+    conv_impl: str = "auto"  # "auto" | "xla" | "im2col"; see the class docstring
 
     def __post_init__(self) -> None:
         if self.layer_type not in ("basic", "bottleneck"):
@@ -59,6 +80,8 @@ class ResNetConfig:
             )
         if self.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"hidden_act must be one of {sorted(_ACTIVATIONS)}, got {self.hidden_act!r}")
+        if self.conv_impl not in CONV_IMPLS:
+            raise ValueError(f"conv_impl must be one of {list(CONV_IMPLS)}, got {self.conv_impl!r}")
 
     @property
     def output_dim(self) -> int:
@@ -68,6 +91,7 @@ class ResNetConfig:
     def to_hf_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `transformers.ResNetConfig` describing the same network."""
         out = dataclasses.asdict(self)
+        del out["conv_impl"]  # how Flax computes, not what: torch has no such field
         out["hidden_sizes"] = list(self.hidden_sizes)
         out["depths"] = list(self.depths)
         return out
@@ -100,6 +124,15 @@ def _conv_init() -> nn.initializers.Initializer:
     return nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
+def conv_function(conv_impl: str) -> Any:
+    """The `conv_general_dilated` for `nn.Conv` that `conv_impl` names ("auto" resolved at trace time)."""
+    if conv_impl not in CONV_IMPLS:
+        raise ValueError(f"conv_impl must be one of {list(CONV_IMPLS)}, got {conv_impl!r}")
+    if conv_impl == "auto":
+        conv_impl = "im2col" if jax.default_backend() == "cpu" else "xla"
+    return conv_general_dilated_cpu if conv_impl == "im2col" else lax.conv_general_dilated
+
+
 def _needs_shortcut(in_channels: int, out_channels: int, stride: int) -> bool:
     """A residual needs projecting when the layer changes its width or resolution."""
     return in_channels != out_channels or stride != 1
@@ -113,6 +146,7 @@ class ResNetConvLayer(nn.Module):
     stride: int = 1
     activation: str | None = "relu"
     dtype: Any = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -125,6 +159,7 @@ class ResNetConvLayer(nn.Module):
             use_bias=False,
             kernel_init=_conv_init(),
             dtype=self.dtype,
+            conv_general_dilated=conv_function(self.conv_impl),
             name="convolution",
         )(x)
         x = nn.BatchNorm(use_running_average=True, epsilon=BN_EPSILON, dtype=self.dtype, name="normalization")(x)
@@ -137,6 +172,7 @@ class ResNetShortCut(nn.Module):
     out_channels: int
     stride: int = 2
     dtype: Any = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -148,6 +184,7 @@ class ResNetShortCut(nn.Module):
             use_bias=False,
             kernel_init=_conv_init(),
             dtype=self.dtype,
+            conv_general_dilated=conv_function(self.conv_impl),
             name="convolution",
         )(x)
         return nn.BatchNorm(use_running_average=True, epsilon=BN_EPSILON, dtype=self.dtype, name="normalization")(x)
@@ -161,13 +198,15 @@ class ResNetBasicLayer(nn.Module):
     stride: int = 1
     activation: str = "relu"
     dtype: Any = jnp.float32
+    conv_impl: str = "auto"
 
     def setup(self) -> None:
+        conv = dict(dtype=self.dtype, conv_impl=self.conv_impl)
         if _needs_shortcut(self.in_channels, self.out_channels, self.stride):
-            self.shortcut = ResNetShortCut(self.out_channels, self.stride, dtype=self.dtype)
+            self.shortcut = ResNetShortCut(self.out_channels, self.stride, **conv)
         self.layer = [
-            ResNetConvLayer(self.out_channels, stride=self.stride, activation=self.activation, dtype=self.dtype),
-            ResNetConvLayer(self.out_channels, activation=None, dtype=self.dtype),
+            ResNetConvLayer(self.out_channels, stride=self.stride, activation=self.activation, **conv),
+            ResNetConvLayer(self.out_channels, activation=None, **conv),
         ]
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -192,17 +231,19 @@ class ResNetBottleNeckLayer(nn.Module):
     reduction: int = 4
     downsample_in_bottleneck: bool = False
     dtype: Any = jnp.float32
+    conv_impl: str = "auto"
 
     def setup(self) -> None:
         reduced = self.out_channels // self.reduction
+        conv = dict(dtype=self.dtype, conv_impl=self.conv_impl)
         if _needs_shortcut(self.in_channels, self.out_channels, self.stride):
-            self.shortcut = ResNetShortCut(self.out_channels, self.stride, dtype=self.dtype)
+            self.shortcut = ResNetShortCut(self.out_channels, self.stride, **conv)
         first_stride = self.stride if self.downsample_in_bottleneck else 1
         middle_stride = 1 if self.downsample_in_bottleneck else self.stride
         self.layer = [
-            ResNetConvLayer(reduced, kernel_size=1, stride=first_stride, activation=self.activation, dtype=self.dtype),
-            ResNetConvLayer(reduced, stride=middle_stride, activation=self.activation, dtype=self.dtype),
-            ResNetConvLayer(self.out_channels, kernel_size=1, activation=None, dtype=self.dtype),
+            ResNetConvLayer(reduced, kernel_size=1, stride=first_stride, activation=self.activation, **conv),
+            ResNetConvLayer(reduced, stride=middle_stride, activation=self.activation, **conv),
+            ResNetConvLayer(self.out_channels, kernel_size=1, activation=None, **conv),
         ]
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -239,10 +280,15 @@ class ResNetStage(nn.Module):
                         # where it makes no difference.
                         downsample_in_bottleneck=cfg.downsample_in_bottleneck and i == 0,
                         dtype=self.dtype,
+                        conv_impl=cfg.conv_impl,
                     )
                 )
             else:
-                layers.append(ResNetBasicLayer(in_ch, self.out_channels, stride, cfg.hidden_act, dtype=self.dtype))
+                layers.append(
+                    ResNetBasicLayer(
+                        in_ch, self.out_channels, stride, cfg.hidden_act, dtype=self.dtype, conv_impl=cfg.conv_impl
+                    )
+                )
         self.layers = layers
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -270,6 +316,7 @@ class ResNetEmbeddings(nn.Module):
             stride=2,
             activation=self.config.hidden_act,
             dtype=self.dtype,
+            conv_impl=self.config.conv_impl,
             name="embedder",
         )(pixel_values)
         return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
