@@ -161,22 +161,26 @@ def ours_throughput(p: dict, iterations: int) -> dict:
         t_train = time.perf_counter()
         trainer.train(total_timesteps=iterations * n_samples)
         t_end = time.perf_counter()
+        # a jitted call runs k iterations; their records are logged together, each with
+        # the call's wall time divided by k as iteration_time
+        k = getattr(trainer, "call_iterations", 1)
         times = [r["iteration_time"] for _, r in stamps]
-        warm = 3  # iterations left out of the steady window
+        warm = k * -(-3 // k)  # whole calls (at least 3 iterations) left out of the steady window
         steady = times[warm:]
         wall_per_iteration = (stamps[-1][0] - stamps[warm - 1][0]) / len(steady)
         call_per_iteration = sum(steady) / len(steady)  # the jitted call and the metrics fetch
         return {
             "sps": n_samples / wall_per_iteration,
             "sps_iteration": n_samples / statistics.median(steady),
-            "compile_s": times[0] - statistics.median(steady),
-            "setup_s": (stamps[0][0] - t_train - times[0]) + (t_train - t0),
+            "compile_s": k * (times[0] - statistics.median(steady)),
+            "setup_s": (stamps[0][0] - t_train - k * times[0]) + (t_train - t0),
             "steady_iteration_s": wall_per_iteration,
             "dispatch_and_compute_s": call_per_iteration,
             "host_overhead_s": wall_per_iteration - call_per_iteration,
             "teardown_s": t_end - stamps[-1][0],
             "iterations": len(stamps),
             "trace_count": getattr(trainer, "trace_count", None),
+            "iterations_per_call": k,
         }
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -254,20 +258,25 @@ def ours_solve(spec: dict) -> dict:
         trainer.train(total_timesteps=spec["total_timesteps"])
         wall = time.perf_counter() - t0
         evals = [(int(r["global_step"]), r["eval/return_mean"]) for _, r in stamps if r.get("eval/return_mean") is not None]
-        eval_iters = {i for i, (_, r) in enumerate(stamps) if r.get("eval/return_mean") is not None}
-        # steady sps between consecutive iterations that ran no evaluation
-        gaps = [stamps[i][0] - stamps[i - 1][0] for i in range(3, len(stamps)) if i not in eval_iters]
+        # k iterations per jitted call: records come k at a time, each with the call's wall time / k
+        k = getattr(trainer, "call_iterations", 1)
         times = [r["iteration_time"] for _, r in stamps]
-        steady = statistics.median(times[2:]) if len(times) > 3 else None
+        warm = k * -(-2 // k)  # whole calls (at least 2 iterations) left out of the steady values
+        if k == 1:  # steady sps between consecutive iterations that ran no evaluation
+            eval_iters = {i for i, (_, r) in enumerate(stamps) if r.get("eval/return_mean") is not None}
+            gaps = [stamps[i][0] - stamps[i - 1][0] for i in range(3, len(stamps)) if i not in eval_iters]
+        else:  # calls end at evaluations: the iterations' shares of their calls (evaluation excluded)
+            gaps = times[warm:]
+        steady = statistics.median(times[warm:]) if len(times) > warm + 1 else None
         return {
             "time_to_solve_s": solved.get("time_s"),
             "steps_to_solve": solved.get("steps"),
             "final_eval": evals[-1][1] if evals else None,
             "wall_s": wall,
             "import_s": import_s,
-            "compile_s": (times[0] - steady) if steady else None,
+            "compile_s": k * (times[0] - steady) if steady else None,
             "first_iteration_at_s": stamps[0][0] - t0 if stamps else None,
-            "setup_s": (stamps[0][0] - t0 - times[0]) if stamps else None,
+            "setup_s": (stamps[0][0] - t0 - k * times[0]) if stamps else None,
             "sps": (n_samples / statistics.median(gaps)) if gaps else None,
             "evals": evals,
         }

@@ -111,6 +111,7 @@ def trainer_kwargs(cfg: dict) -> dict:
         exp_name=t["exp_name"],
         normalize_observations=t["normalize_observations"],
         progress=t["progress"],
+        iterations_per_call=t["iterations_per_call"],
     )
 
 

@@ -80,6 +80,7 @@ SCHEMA: dict[str, Any] = {
         "num_collectors": Field(int, 1, "vla mode: collector threads, each with its own envs", _pos, "> 0"),
         "env_step_timeout": Field((int, float), 60.0, "vla mode: seconds an env step or inference may take before the run fails", _pos, "> 0"),
         "progress": Field(bool, True, "show the progress bar"),
+        "iterations_per_call": Field(int, 0, "standard mode, JAX-native env: iterations run by one jitted call (a loop over iterations inside jit, which saves the per-call dispatch and sync; metrics.jsonl still gets one record per iteration); must divide eval_freq and save_freq (when > 0) so that no call straddles an evaluation or a checkpoint; 0: auto, the largest such value <= 8 and <= the run's iterations", _nonneg, ">= 0"),
     },
     "algorithm": {
         "name": Field(str, "ppo", "algorithm", *_one_of("ppo")),
@@ -241,8 +242,21 @@ def _resolve_section(path: str, schema: dict, given: Any) -> dict:
     return out
 
 
+def check_iterations_per_call(iterations_per_call: int, eval_freq: int, save_freq: int) -> None:
+    """An explicit trainer.iterations_per_call (0 is auto) must divide every period
+    at which the host needs the state between calls (evaluation, checkpoints)."""
+    for name, period in (("eval_freq", eval_freq), ("save_freq", save_freq)):
+        if iterations_per_call > 0 and period > 0 and period % iterations_per_call:
+            raise ConfigError(
+                f"trainer.iterations_per_call ({iterations_per_call}) must divide trainer.{name} ({period}): "
+                f"a jitted call of {iterations_per_call} iterations would straddle an "
+                f"{'evaluation' if name == 'eval_freq' else 'checkpoint'}; use a divisor, or 0 (auto)"
+            )
+
+
 def _check_cross_fields(cfg: dict) -> None:
     trainer, env, policy = cfg["trainer"], cfg["env"], cfg["policy"]
+    check_iterations_per_call(trainer["iterations_per_call"], trainer["eval_freq"], trainer["save_freq"])
     if "name" not in env or not isinstance(env["name"], str):
         raise ConfigError("env.name: required (a string such as \"CartPole-v1\")")
     if "type" in env and not _ENV_TYPE[0](env["type"]):

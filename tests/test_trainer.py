@@ -65,16 +65,17 @@ def test_pendulum_continuous_actions_improve(tmp_path):
 
 
 def test_resume_ends_with_the_same_parameters(tmp_path):
-    uninterrupted = make_trainer(tmp_path / "a", iterations=6, normalize_observations=True)
+    # one iteration per call, so that a stop lands mid-run (tests/test_trainer_multi_iteration.py: K > 1)
+    uninterrupted = make_trainer(tmp_path / "a", iterations=6, normalize_observations=True, iterations_per_call=1)
     uninterrupted.train()
 
-    stopper = make_trainer(tmp_path / "b", iterations=6, normalize_observations=True,
+    stopper = make_trainer(tmp_path / "b", iterations=6, normalize_observations=True, iterations_per_call=1,
                            log_fn=lambda r: r["iteration"] == 3 and stopper.request_stop())
     stopper.train()
     # the iteration already dispatched ahead of logging (at most one) completes before stopping
     assert stopper.interrupted and int(stopper.state.iteration) in (3, 4)
 
-    resumed = make_trainer(tmp_path / "b", iterations=6, normalize_observations=True)
+    resumed = make_trainer(tmp_path / "b", iterations=6, normalize_observations=True, iterations_per_call=1)
     resumed.train(resume=stopper.run_dir)
     assert int(resumed.state.iteration) == 6
     same = jax.tree_util.tree_map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),

@@ -81,6 +81,31 @@ def test_frozen_vision_and_batch_stats_stay_bit_identical_after_updates():
     assert any(k.startswith("params/model/language/h_1/") for k in changed)
 
 
+def test_frozen_leaves_get_no_gradient_and_grad_norm_counts_only_trainable_ones():
+    """With the mask, update differentiates only trainable leaves (no backward pass through a frozen encoder)."""
+    cfg = policy_cfg()
+    cfg["vla_config"]["model_config"]["freeze_vision_encoder"] = True
+    policy, params, mask = build_vla_policy(cfg, FakeEnv())
+    batch = random_batch(policy, params)
+    algo = ppo.PPOConfig(n_epochs=1, batch_size=batch.advantage.shape[0], learning_rate=1e-2)
+    opt = ppo.make_optimizer(algo, 10, mask)
+    run = lambda m: ppo.update(params, opt.init(params), batch, jax.random.PRNGKey(0), apply_fn=policy.apply,  # noqa: E731
+                               optimizer=opt, cfg=algo, trainable_mask=m)[2]["grad_norm"]
+    grads = jax.grad(lambda p: ppo.ppo_loss(p, policy.apply, batch, algo)[0])(params)
+    trainable = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda g, t: g if t else None, grads, mask))
+    want = float(np.sqrt(sum(float(jnp.sum(g ** 2)) for g in trainable)))
+    np.testing.assert_allclose(float(run(mask)), want, rtol=1e-5)
+    everything = float(np.sqrt(sum(float(jnp.sum(g ** 2)) for g in jax.tree_util.tree_leaves(grads))))
+    assert everything > want  # the frozen encoder has non-zero gradients ...
+    np.testing.assert_allclose(float(run(None)), everything, rtol=1e-5)  # ... which count only without the mask
+    jaxpr = str(jax.make_jaxpr(lambda p: ppo.update(p, opt.init(p), batch, jax.random.PRNGKey(0),
+                                                      apply_fn=policy.apply, optimizer=opt, cfg=algo,
+                                                      trainable_mask=mask))(params))
+    full = str(jax.make_jaxpr(lambda p: ppo.update(p, opt.init(p), batch, jax.random.PRNGKey(0),
+                                                     apply_fn=policy.apply, optimizer=opt, cfg=algo))(params))
+    assert jaxpr.count("dot_general") < full.count("dot_general")  # the encoder's backward pass is gone
+
+
 def test_bfloat16_trunks_give_finite_float32_outputs():
     policy, params, _ = build_vla_policy(policy_cfg(dtype="bfloat16"), FakeEnv())
     dist, value = policy.apply(params, obs())

@@ -209,6 +209,13 @@ def make_optimizer(cfg: PPOConfig, total_gradient_steps: int, trainable_mask: An
 # --------------------------------------------------------------------------- update
 
 
+def stop_frozen_gradients(params: Any, trainable_mask: Any) -> Any:
+    """`params` with `lax.stop_gradient` on every leaf whose mask is False (identity without a mask)."""
+    if trainable_mask is None:
+        return params
+    return jax.tree_util.tree_map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable_mask)
+
+
 class UpdateState(NamedTuple):
     params: Any
     opt_state: Any
@@ -223,8 +230,14 @@ def update(
     apply_fn: ApplyFn,
     optimizer: optax.GradientTransformation,
     cfg: PPOConfig,
+    trainable_mask: Any = None,
 ) -> tuple[Any, Any, dict]:
     """n_epochs passes of shuffled minibatch SGD over `batch`; pure and jittable.
+
+    `trainable_mask` (the optimiser's, see `make_optimizer`) puts
+    `stop_gradient` on the frozen leaves, so their gradients are never
+    computed (a frozen vision encoder costs no convolution backward pass) and
+    `grad_norm` measures what clipping sees.
 
     With `target_kl`, a minibatch whose approx_kl exceeds 1.5 x target_kl (SB3's
     rule) and every update after it in this call are masked out: parameters and
@@ -234,7 +247,9 @@ def update(
     num_samples = batch.advantage.shape[0]
     num_minibatches = cfg.num_minibatches(num_samples)
     used = num_minibatches * cfg.batch_size
-    grad_fn = jax.value_and_grad(ppo_loss, has_aux=True)
+    grad_fn = jax.value_and_grad(
+        lambda p, *args: ppo_loss(stop_frozen_gradients(p, trainable_mask), *args), has_aux=True
+    )
 
     def minibatch_step(carry, minibatch: Batch):
         state, stopped = carry

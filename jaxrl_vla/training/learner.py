@@ -50,7 +50,7 @@ def initial_train_state(
 
 
 def make_learn_fn(
-    apply_fn: Callable, optimizer: optax.GradientTransformation, cfg: ppo.PPOConfig
+    apply_fn: Callable, optimizer: optax.GradientTransformation, cfg: ppo.PPOConfig, trainable_mask: Any = None
 ) -> Callable[[TrainState, Transition, jax.Array], tuple[TrainState, dict]]:
     """Build the pure `learn(state, rollout [T, N], last_value [N]) -> (state, metrics)`.
 
@@ -69,7 +69,8 @@ def make_learn_fn(
             return apply_fn(params, normalize(stats, obs))
 
         params, opt_state, metrics = ppo.update(
-            state.params, state.opt_state, batch, update_key, apply_fn=normalized_apply, optimizer=optimizer, cfg=cfg
+            state.params, state.opt_state, batch, update_key, apply_fn=normalized_apply, optimizer=optimizer, cfg=cfg,
+            trainable_mask=trainable_mask,
         )
         new_stats = None if stats is None else update_stats(stats, rollout.obs)
         metrics["staleness"] = jnp.mean(state.iteration - rollout.policy_version.astype(jnp.float32))

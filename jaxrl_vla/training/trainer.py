@@ -5,13 +5,19 @@
 
 Standard mode with a JAX-native env runs each iteration (rollout by scan over
 vmapped envs, GAE, n_epochs x minibatch update) as ONE jitted function whose
-state is donated, so the host only dispatches and logs.
+state is donated, so the host only dispatches and logs. Up to K such
+iterations run per jitted call (a loop over the iteration; `iterations_per_call`):
+on small problems the ~2 ms of dispatch and device->host sync per call is a
+large share of an iteration, and K iterations pay it once. The host still logs
+one record per iteration, and calls end exactly where the state is needed
+(evaluation, checkpoints, the end; see `call_sizes`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import datetime as _dt
+import functools
 import json
 import math
 import signal
@@ -23,8 +29,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+import numpy as np
 
 from jaxrl_vla.algo import ppo
+from jaxrl_vla.config import check_iterations_per_call
 from jaxrl_vla.envs.base import Env
 from jaxrl_vla.envs.wrappers import VecEnv
 from jaxrl_vla.models.policy import action_chunk_size, zeros_like_obs
@@ -36,6 +44,18 @@ from jaxrl_vla.training.normalizer import init_stats
 from jaxrl_vla.training.rollout import EpisodeStats, make_evaluate_fn, make_rollout_fn
 
 BUFFER_TYPES = ("standard", "vla")
+
+# The automatic iterations_per_call is at most this. Eight iterations per call
+# pay the per-call dispatch and device->host sync (1-2 ms on a 2-core CPU, a
+# CartPole iteration takes 6-9 ms) once per eight iterations, so a larger K
+# could save at most an eighth of it more; while a call still ends every eight
+# iterations, so the progress bar keeps moving and Ctrl-C (which finishes the
+# calls already dispatched: at most 2 x 8 iterations) answers promptly even
+# when an iteration takes seconds.
+MAX_AUTO_ITERATIONS_PER_CALL = 8
+
+# Per iteration, what the host gets back from a call: metrics (with global_step) and episode stats.
+IterationReport = tuple[dict, EpisodeStats]
 
 
 def new_run_dir(output_dir: str | Path, exp_name: str) -> Path:
@@ -50,6 +70,62 @@ def new_run_dir(output_dir: str | Path, exp_name: str) -> Path:
         except FileExistsError:
             k += 1
             candidate = base.with_name(f"{base.name}-{k}")
+
+
+def auto_iterations_per_call(eval_freq: int, save_freq: int, total_iterations: int) -> int:
+    """The largest K <= MAX_AUTO_ITERATIONS_PER_CALL (and <= the run's iterations)
+    dividing eval_freq and save_freq where they are > 0: no call then straddles an
+    evaluation or a checkpoint."""
+    periods = [p for p in (eval_freq, save_freq) if p > 0]
+    cap = max(1, min(MAX_AUTO_ITERATIONS_PER_CALL, total_iterations))
+    return max(k for k in range(1, cap + 1) if all(p % k == 0 for p in periods))
+
+
+def call_sizes(start: int, total: int, k: int) -> list[int]:
+    """Iterations per jitted call to go from `start` to `total` iterations done:
+    each call runs up to the next multiple of `k` (or to `total`), so
+
+      - every multiple of k is a call end; as k divides eval_freq and save_freq,
+        every iteration that evaluates or checkpoints is the last of its call,
+        whose state the host then has;
+      - only a run's tail (total not a multiple of k) and a resumed run's head
+        (a checkpoint written with another k or total) make calls of fewer than
+        k iterations, run by the same program (see `loop_iterations`).
+    """
+    sizes, done = [], start
+    while done < total:
+        size = min(k - done % k, total - done)
+        sizes.append(size)
+        done += size
+    return sizes
+
+
+def loop_iterations(
+    iteration: Callable, max_size: int, state: TrainState, size: jax.Array
+) -> tuple[TrainState, jax.Array, jax.Array]:
+    """Run `size` iterations (a traced int32 in [1, max_size]) as one program ->
+    (state, reports [max_size, M], step counters [max_size]); rows from `size` on stay 0.
+
+    The trip count is an argument, so ONE compiled program serves every call
+    size: a tail or head call needs no second compilation (which, on a 2-core
+    machine, competes with training for a core), and since every iteration of a
+    run executes the same compiled loop body, how its iterations are grouped into
+    calls never changes a bit of the result (resuming stays exact). The iteration is traced
+    once, to a jaxpr: its output shapes size the stacked reports, and it is the
+    loop's body.
+    """
+    closed, (_, report, step) = jax.make_jaxpr(iteration, return_shape=True)(state)
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+
+    def body(i: jax.Array, carry: tuple) -> tuple:
+        leaves, reports, steps = carry
+        *leaves, report_i, step_i = jax.core.eval_jaxpr(closed.jaxpr, closed.consts, *leaves)
+        return leaves, reports.at[i].set(report_i), steps.at[i].set(step_i)
+
+    reports = jnp.zeros((max_size, *report.shape), report.dtype)
+    steps = jnp.zeros((max_size, *step.shape), step.dtype)
+    leaves, reports, steps = jax.lax.fori_loop(0, size, body, (leaves, reports, steps))
+    return jax.tree_util.tree_unflatten(treedef, leaves), reports, steps
 
 
 def episode_summary(stats: EpisodeStats, prefix: str = "") -> dict[str, float | None]:
@@ -77,6 +153,8 @@ class Trainer:
       num_envs      parallel envs
       iterations    planned iterations (fixes the LR schedule); train() may override
       success_key   info key counted as task success (the env's "success" by default)
+      iterations_per_call  iterations per jitted call (standard mode with a JAX env);
+                    0: auto (`auto_iterations_per_call`); must divide eval_freq and save_freq
     """
 
     def __init__(
@@ -101,6 +179,7 @@ class Trainer:
         config: dict | None = None,
         progress: bool = True,
         log_fn: Callable[[dict], None] | None = None,
+        iterations_per_call: int = 0,
     ):
         if buffer_type not in BUFFER_TYPES:
             raise ValueError(f"trainer.buffer_type must be one of {BUFFER_TYPES}, got {buffer_type!r}")
@@ -117,6 +196,10 @@ class Trainer:
         self.eval_freq = int(eval_freq)
         self.num_eval_episodes = int(num_eval_episodes)
         self.save_freq = int(save_freq)
+        if int(iterations_per_call) < 0:
+            raise ValueError(f"trainer.iterations_per_call must be >= 0 (0: auto), got {iterations_per_call}")
+        check_iterations_per_call(int(iterations_per_call), self.eval_freq, self.save_freq)
+        self.iterations_per_call = int(iterations_per_call)
         self.output_dir = Path(output_dir)
         self.exp_name = exp_name
         self.normalize_observations = normalize_observations
@@ -134,7 +217,14 @@ class Trainer:
         self.state: TrainState | None = None
         self.trace_count = 0
         self._stop = threading.Event()
-        self._pending: tuple | None = None  # an iteration dispatched ahead (see _run_iteration)
+        self._pending: tuple | None = None  # a call dispatched ahead (see _run_fused)
+        # the compiled program running up to call_iterations iterations (a future: it compiles in
+        # the background); None until this class's _build makes it: a subclass that builds its
+        # own learner (the async trainer) runs one host-driven iteration per call instead
+        self._program: concurrent.futures.Future | None = None
+        # iterations per jitted call in this run, resolved from iterations_per_call by _build
+        # (1 where the host drives each iteration)
+        self.call_iterations = 1
 
     # ------------------------------------------------------------------ setup
 
@@ -160,9 +250,9 @@ class Trainer:
         self.optimizer = ppo.make_optimizer(self.cfg, total_grad_steps, self.trainable_mask)
         apply_fn = self.policy.apply
         rollout = make_rollout_fn(apply_fn, self.vec_env, self.buffer_size, self.chunk)
-        learn = make_learn_fn(apply_fn, self.optimizer, self.cfg)
+        learn = make_learn_fn(apply_fn, self.optimizer, self.cfg, self.trainable_mask)
 
-        def iteration(state: TrainState):
+        def iteration(state: TrainState) -> tuple[TrainState, jax.Array, jax.Array]:
             self.trace_count += 1  # runs only while tracing: counts compilations
             key, rollout_key = jax.random.split(state.key)
             env_state, obs, transitions, last_value, episodes = rollout(
@@ -170,30 +260,43 @@ class Trainer:
             )
             state = state.replace(key=key, env_state=env_state, obs=obs)
             state, metrics = learn(state, transitions, last_value)
-            # one float32 vector for every scalar: a single device->host transfer per iteration;
+            # one float32 vector for every scalar: a single device->host transfer per call;
             # the step counter is returned apart from the (donated) state so it can be read later
             leaves, self._report_treedef = jax.tree_util.tree_flatten((metrics, episodes))
             return state, jnp.stack([jnp.asarray(x, jnp.float32) for x in leaves]), state.global_step + 0
 
         template = jax.eval_shape(self._init_state, jax.random.PRNGKey(0), self.init_params)
         state_shardings = self._shardings(template)
-        self._iteration = jax.jit(
-            iteration,
-            donate_argnums=0,
-            out_shardings=(state_shardings, sharding.replicated(self.mesh), sharding.replicated(self.mesh)),
-        )
+        self._out_shardings = (state_shardings, sharding.replicated(self.mesh), sharding.replicated(self.mesh))
+        self._iteration_fn = iteration
+        # one iteration on its own: the loop runs the program below, but
+        # benchmarks/ppo_throughput.py's fused diagnostic loops this unit
+        self._iteration = jax.jit(iteration, donate_argnums=0, out_shardings=self._out_shardings)
         self._state_shardings = state_shardings
-        # compile the iteration on a second core while this one initialises the state
-        abstract_state = jax.tree_util.tree_map(
+        self._abstract_state = jax.tree_util.tree_map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), template, state_shardings
         )
+        self.call_iterations = self.iterations_per_call or auto_iterations_per_call(
+            self.eval_freq, self.save_freq, total_iterations
+        )
+        # compile the program on a second core while this one initialises the state
         self._compiler = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="compile")
-        self._iteration_compiled = self._compiler.submit(lambda: self._iteration.lower(abstract_state).compile())
+        self._program = self._compiler.submit(self._compile_program)
         eval_env = VecEnv(self.env, self.num_eval_episodes)
         max_steps = int(getattr(self.env, "max_episode_steps", 1000))
         self._evaluate = jax.jit(make_evaluate_fn(apply_fn, eval_env, max_steps, self.chunk))
         if self.eval_freq > 0:
             self._precompile_evaluation(template)
+
+    def _compile_program(self) -> Callable:
+        """Compile `loop_iterations` for this run: (state, size) -> (state, reports, steps)."""
+        program = jax.jit(
+            functools.partial(loop_iterations, self._iteration_fn, self.call_iterations),
+            donate_argnums=0,
+            out_shardings=self._out_shardings,
+        )
+        size = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(self.mesh))
+        return program.lower(self._abstract_state, size).compile()
 
     def _precompile_evaluation(self, template: TrainState) -> None:
         """Compile the evaluation program on a second thread too: XLA compiles each
@@ -221,10 +324,12 @@ class Trainer:
     def describe(self, total_iterations: int) -> str:
         """One line saying what an iteration is, so `buffer_size` is never ambiguous."""
         minibatches = self.cfg.num_minibatches(self.samples_per_iteration)
+        per_call = f", {self.call_iterations} per jitted call" if self._program is not None else ""
         return (
             f"{self.buffer_type} mode: {self.buffer_size} steps x {self.num_envs} envs = "
             f"{self.samples_per_iteration:,} transitions per iteration, {self.cfg.n_epochs} epochs x "
-            f"{minibatches} minibatches of {self.cfg.batch_size}; {total_iterations} iterations; run dir {self.run_dir}"
+            f"{minibatches} minibatches of {self.cfg.batch_size}; {total_iterations} iterations{per_call}; "
+            f"run dir {self.run_dir}"
         )
 
     def evaluate(self) -> dict[str, float | None]:
@@ -272,7 +377,9 @@ class Trainer:
             if self._pending is not None:  # the loop raised after a prefetch: its state is the newest
                 self.state, self._pending = self._pending[0], None
             jax.block_until_ready(self.state)
-            checkpointer.save(int(self.state.iteration), self.state, {"config": self.config})
+            # unless the loop just saved this iteration (a stop right after a save_freq checkpoint)
+            if checkpointer.latest_iteration() != int(self.state.iteration):
+                checkpointer.save(int(self.state.iteration), self.state, {"config": self.config})
             checkpointer.close()
             logger.close()
             self._restore_sigint(previous_handler)
@@ -290,72 +397,108 @@ class Trainer:
     def _checkpoint_due(self, iteration: int, total: int) -> bool:
         return self.save_freq > 0 and iteration % self.save_freq == 0 and iteration < total
 
+    def _prefetch_allowed(self, done: int, total: int) -> bool:
+        """Whether the next call may be dispatched before this one's results are
+        fetched: not when the state after `done` iterations is needed on the host."""
+        return (
+            done < total
+            and not self._stop.is_set()
+            and not self._evaluation_due(done, total)
+            and not self._checkpoint_due(done, total)
+        )
+
     def _loop(self, start: int, total: int, logger: RunLogger, checkpointer: Checkpointer) -> bool:
+        """Run the calls of `call_sizes`, logging one record per iteration; True when stopped early."""
         last_eval: dict = {}
-        for it in range(start, total):
-            done = it + 1
+        sizes = call_sizes(start, total, self.call_iterations)
+        done = start
+        for index, size in enumerate(sizes):
             if self._stop.is_set() and self._pending is None:
                 return True
+            after = done + size
+            next_size = sizes[index + 1] if index + 1 < len(sizes) and self._prefetch_allowed(after, total) else 0
             t0 = time.perf_counter()
-            # the next iteration may start early unless this one's state is needed on the host
-            prefetch = (
-                done < total
-                and not self._stop.is_set()
-                and not self._evaluation_due(done, total)
-                and not self._checkpoint_due(done, total)
-            )
-            result = self._run_iteration(prefetch=prefetch)
-            if result is None:  # a stop request ended the iteration early
+            result = self._run_call(size, next_size)
+            if result is None:  # a stop request ended the call early
                 return True
-            new_state, metrics, episodes = result
-            elapsed = time.perf_counter() - t0
-            self.state = new_state
-            global_step = metrics.pop("global_step", None)
-            record = {
-                "iteration": done,
-                "global_step": int(new_state.global_step if global_step is None else global_step),
-                "sps": self.samples_per_iteration / elapsed,
-                "iteration_time": elapsed,
-            }
-            record.update(episode_summary(episodes))
-            if self._env_reports_success() and float(episodes.count) > 0:
-                record["success_rate"] = float(episodes.success_sum) / float(episodes.count)
-            record.update({k: float(v) for k, v in metrics.items()})
-            if self._evaluation_due(done, total):
+            self.state, reports = result
+            per_iteration = (time.perf_counter() - t0) / size
+            records = [self._record(done + i + 1, m, e, per_iteration) for i, (m, e) in enumerate(reports)]
+            if self._evaluation_due(after, total):  # call_sizes: only ever the call's last iteration
                 last_eval = self.evaluate()
-                record.update(last_eval)
-            logger.log(record)
-            if self.log_fn is not None:
-                self.log_fn(record)
-            if self._checkpoint_due(done, total):
-                checkpointer.save(done, self.state, {"config": self.config})
+                records[-1].update(last_eval)
+            for record in records:
+                logger.log(record)
+                if self.log_fn is not None:
+                    self.log_fn(record)
+            if self._checkpoint_due(after, total):
+                checkpointer.save(after, self.state, {"config": self.config})
+            done = after
         self.final_eval = last_eval
         return False
 
-    def _run_iteration(self, prefetch: bool = False) -> tuple[TrainState, dict, EpisodeStats] | None:
-        """One collect + learn step -> (new state, host metrics, host EpisodeStats).
+    def _record(self, iteration: int, metrics: dict, episodes: EpisodeStats, seconds: float) -> dict:
+        """The metrics.jsonl record of one iteration; `seconds` is its share of its call's wall time."""
+        metrics = dict(metrics)
+        global_step = metrics.pop("global_step", None)
+        record = {
+            "iteration": iteration,
+            "global_step": int(self.state.global_step if global_step is None else global_step),
+            "sps": self.samples_per_iteration / seconds,
+            "iteration_time": seconds,
+        }
+        record.update(episode_summary(episodes))
+        if self._env_reports_success() and float(episodes.count) > 0:
+            record["success_rate"] = float(episodes.success_sum) / float(episodes.count)
+        record.update({k: float(v) for k, v in metrics.items()})
+        return record
 
-        None means a stop request ended it before it finished. The async trainer
-        overrides this (collectors feed it); standard mode runs one jitted call.
+    def _run_call(self, size: int, next_size: int) -> tuple[TrainState, list[IterationReport]] | None:
+        """Run `size` iterations -> (the state after them, one IterationReport per
+        iteration), or None when a stop request ended them early. `next_size` > 0:
+        the loop's next call, which may be dispatched ahead (see `_run_fused`).
 
-        With `prefetch`, the next iteration is dispatched before this one's
-        results are fetched, so the device runs back to back while the host
-        logs. The returned state is then donated to that call: the loop
-        only prefetches when nothing (evaluation, checkpoint, the end) needs it.
+        Standard mode runs them as one call of its compiled program; a subclass
+        without it (the async trainer) runs its own `_run_iteration`, one per call.
         """
-        result = self._pending if self._pending is not None else self._step()(self.state)
+        if self._program is not None:
+            return self._run_fused(size, next_size)
+        result = self._run_iteration(prefetch=next_size > 0)
+        if result is None:
+            return None
+        new_state, metrics, episodes = result
+        return new_state, [(metrics, episodes)]
+
+    def _run_fused(self, size: int, next_size: int) -> tuple[TrainState, list[IterationReport]]:
+        """One jitted call of `size` iterations (or the call already dispatched ahead).
+
+        With `next_size`, the next call is dispatched before this one's results
+        are fetched, so the device runs back to back while the host logs. This
+        call's state is then donated to that one: the loop only prefetches when
+        nothing (evaluation, checkpoint, the end) needs it.
+        """
+        result = self._pending if self._pending is not None else self._step()(self.state, np.int32(size))
         self._pending = None
-        new_state, report, global_step = result
-        if prefetch:  # queued behind this one before waiting for it: the device never idles
-            self._pending = self._step()(new_state)
-        report, global_step = jax.device_get((report, global_step))
+        new_state, reports, global_steps = result
+        if next_size:  # queued behind this one before waiting for it: the device never idles
+            self._pending = self._step()(new_state, np.int32(next_size))
+        reports, global_steps = jax.device_get((reports, global_steps))
+        return new_state, [self._unpack(reports[i], global_steps[i]) for i in range(size)]
+
+    def _unpack(self, report: Any, global_step: Any) -> IterationReport:
+        """One iteration's packed float32 report -> (metrics with global_step, EpisodeStats)."""
         metrics, episodes = jax.tree_util.tree_unflatten(self._report_treedef, list(report))
-        metrics = dict(metrics, global_step=global_step)
-        return new_state, metrics, episodes
+        return dict(metrics, global_step=int(global_step)), episodes
+
+    def _run_iteration(self, prefetch: bool = False) -> tuple[TrainState, dict, EpisodeStats] | None:
+        """Hook for subclasses whose iterations the host drives (the async trainer):
+        one collect + learn step -> (new state, host metrics, host EpisodeStats),
+        None when a stop request ended it. Standard mode runs `_run_fused` instead."""
+        raise NotImplementedError
 
     def _step(self) -> Callable:
-        """The compiled iteration (waits for the background compile the first time)."""
-        return self._iteration_compiled.result()
+        """The compiled program (waits for the background compile the first time)."""
+        return self._program.result()
 
     def _start_workers(self, start_iteration: int) -> None:
         """Hook: start background work before the loop (the async trainer's collectors)."""
@@ -364,8 +507,9 @@ class Trainer:
         """Hook: stop and join background work; runs even when the loop raised."""
 
     def request_stop(self) -> None:
-        """Finish the iterations already dispatched (the current one and at most one
-        ahead), checkpoint and return (what Ctrl-C does)."""
+        """Finish the calls already dispatched (the current one and at most one ahead,
+        each of at most iterations_per_call iterations), log them, checkpoint and
+        return (what Ctrl-C does)."""
         self._stop.set()
 
     def _install_sigint(self):
