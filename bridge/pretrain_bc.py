@@ -11,10 +11,10 @@ What it does, in order:
 1. Demonstrations: reads `--demos` (default: `vl_reach_demos.npz` beside
    `--out`), generating it first with `jaxrl_vla.tasks.demos` when missing.
    The default lives under `checkpoints/` because that folder is git-ignored.
-2. Trains a TINY `GPTVLAModel` (`MODEL_CONFIG`: a 3-stage ResNet of widths
-   16/32/64 on the env's 64x64 image and a 2-layer, 64-wide GPT-2 over the
-   env's 18-word vocabulary, ~250k parameters), small enough that PPO
-   fine-tuning in JAX takes minutes on 2 CPU cores. Loss: MSE of the action
+2. Trains a TINY `GPTVLAModel` (`MODEL_CONFIG`: a 4-stage ResNet of widths
+   32/64/64/64 on the env's 64x64 image and a 2-layer, 64-wide GPT-2 over the
+   env's 18-word vocabulary), small enough that PPO fine-tuning in JAX runs
+   at ~100+ env steps/s on 2 CPU cores. Loss: MSE of the action
    means against the expert's labels, plus `--value-coef` x MSE of the value
    head against the demos' discounted Monte-Carlo returns, so that PPO starts
    with a critic that already tracks progress (a random critic makes the first
@@ -60,13 +60,16 @@ ENV_ID = "VLReach-v0"
 # there cannot silently change what this script trains on). The example configs use the same.
 ENV_KWARGS: dict[str, Any] = {"num_objects": 4, "image_size": 64, "action_dim": 2, "max_episode_steps": 50}
 MODEL_CLASS = "bridge.vla_models.GPTVLAModel"
-# A tiny GPTVLAModel for 64x64 images. Three ResNet stages (16 -> 8 -> 4 pixels) give the pooled
-# features receptive fields spanning the table, which the image token needs to say where things are.
+# A tiny GPTVLAModel for 64x64 images. The ResNet strides all the way down to 1x1 (stem 64 -> 16 px,
+# then stages at 8, 4, 2 and 1 px): the final "average pool" then averages nothing, so where things
+# are survives into the single image token (a pool over a wider map washes positions out, and the
+# policy cannot tell where to go). The 32-channel stem has room for colour x shape detectors.
 MODEL_CONFIG: dict[str, Any] = {
     "vision_encoder": "tiny",
-    "vision_embedding_size": 16,
-    "vision_hidden_sizes": [16, 32, 64],
-    "vision_depths": [1, 1, 1],
+    "vision_embedding_size": 32,
+    "downsample_in_first_stage": True,
+    "vision_hidden_sizes": [32, 64, 64, 64],
+    "vision_depths": [1, 1, 1, 1],
     "language_model": "tiny",  # GPT-2 with n_layer 2, n_embd 64, n_head 4
     "vocab_size": 18,  # len(VOCAB) + <pad> + <unk>: checked against the env's tokenizer
     "max_instruction_length": 8,
@@ -399,6 +402,73 @@ def train_bc(model: Any, data: dict[str, Any], labels: dict[str, np.ndarray], ar
     return history
 
 
+def policy_rollouts(module: Any, variables: dict, env: Any, episodes: int, seed: int, log_std: float,
+                    batch: int = 256) -> dict[str, np.ndarray]:
+    """Episodes of the cloned policy acting as PPO will act (Gaussian samples at `log_std`), in the JAX env.
+
+    Returns the valid steps' observations, rewards and episode ids (the demo
+    file's layout, via `jaxrl_vla.tasks.demos`), one jitted call per batch.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from jaxrl_vla.tasks.demos import episode_keys, flatten_valid, run_episodes
+
+    std = float(np.exp(log_std))
+
+    def act(state: Any, obs: Any, keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+        mean = module.apply(variables, obs, method="forward")
+        noise = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], mean.dtype))(keys)
+        action = mean + std * noise
+        return action[:, None], action[:, None]
+
+    collect = jax.jit(lambda keys: run_episodes(env, act, keys))
+    parts = []
+    for start in range(0, episodes, batch):
+        records = jax.device_get(collect(episode_keys(seed, start, batch)))
+        keep = min(batch, episodes - start)
+        parts.append(flatten_valid(jax.tree_util.tree_map(lambda x: x[:keep], records), start))
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
+def calibrate_critic(model: Any, rollouts: dict[str, np.ndarray], epochs: int, seed: int,
+                     batch: int = 256) -> dict[str, float]:
+    """Fit the value head alone to the cloned policy's own Monte-Carlo returns; (MSE before, after).
+
+    Why: the value head learnt from the expert's returns during BC, but PPO's
+    critic must value the cloned policy, which fails where the expert does not.
+    A critic that is off at the first PPO update gives noisy advantages AND
+    sends large value-loss gradients into the trunk the actor shares, which
+    undoes the pretraining before the actor can improve. The trunk is frozen
+    here (features are computed once), so the actor is unchanged.
+    """
+    import torch
+
+    returns = torch.from_numpy(discounted_returns(rollouts["reward"], rollouts["episode_id"], GAMMA))
+    with torch.no_grad():
+        features = torch.cat([model.features(to_torch({k: rollouts[k][i:i + 512] for k in OBS_KEYS}))
+                              for i in range(0, len(returns), 512)])
+    head = list(model.value_fc.parameters()) + list(model.value_out.parameters())
+    optimizer = torch.optim.Adam(head, lr=1e-3)
+    generator = torch.Generator().manual_seed(seed + 2)
+
+    def mse() -> float:
+        with torch.no_grad():
+            return torch.mean((model._heads(features)[1][:, 0] - returns) ** 2).item()
+
+    before = mse()
+    for _ in range(epochs):
+        order = torch.randperm(len(returns), generator=generator)
+        for i in range(0, len(order), batch):
+            index = order[i:i + batch]
+            loss = torch.mean((model._heads(features[index])[1][:, 0] - returns[index]) ** 2)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return {"states": int(len(returns)), "value_mse_before": before, "value_mse_after": mse(),
+            "return_var": float(returns.var()), "policy_success": float(np.mean(rollouts["episode_success"]))}
+
+
 def scale_token_embeddings(model: Any, std: float, seed: int) -> None:
     """Re-initialise the word embeddings at N(0, std^2) before training.
 
@@ -502,10 +572,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bridge.pretrain_bc", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output .safetensors (a JSON sidecar <out>.json is written too)")
     parser.add_argument("--demos", help="demo .npz (default: vl_reach_demos.npz beside --out); made when missing")
-    parser.add_argument("--episodes", type=int, default=400, help="expert episodes in the demos (default 400)")
+    parser.add_argument("--episodes", type=int, default=10000, help="expert episodes in the demos (default 10000)")
     parser.add_argument("--noise-std", type=float, default=0.1, help="DART noise of the demos (default 0.1)")
-    parser.add_argument("--epochs", type=int, default=8, help="passes over the demos (default 8)")
-    parser.add_argument("--batch-size", type=int, default=64, help="minibatch size (default 64)")
+    parser.add_argument("--epochs", type=int, default=4, help="passes over the demos (default 4)")
+    parser.add_argument("--batch-size", type=int, default=128, help="minibatch size (default 128)")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, decayed linearly to 10%% (default 1e-3)")
     parser.add_argument("--val-fraction", type=float, default=0.1,
                         help="fraction of the demo episodes held out to report a validation MSE (default 0.1)")
@@ -520,6 +590,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="action log-std written into the checkpoint for PPO (default -1.0)")
     parser.add_argument("--model-config", default="{}",
                         help="JSON merged into MODEL_CONFIG (e.g. a smaller model for tests); the sidecar records the result")
+    parser.add_argument("--critic-episodes", type=int, default=512,
+                        help="episodes of the cloned policy whose returns calibrate the value head (default 512; 0: skip)")
+    parser.add_argument("--critic-epochs", type=int, default=20, help="value-head epochs on them (default 20)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the demos, the init and the data order (default 0)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2; part of determinism)")
     parser.add_argument("--eval-episodes", type=int, default=256,
@@ -532,7 +605,7 @@ def check_args(args: argparse.Namespace) -> str | None:
     for name in ("episodes", "epochs", "batch_size", "threads"):
         if getattr(args, name) < 1:
             return f"--{name.replace('_', '-')} must be >= 1"
-    if args.lr <= 0 or args.noise_std < 0 or args.value_coef < 0 or args.eval_episodes < 0:
+    if args.lr <= 0 or args.noise_std < 0 or args.value_coef < 0 or args.eval_episodes < 0 or args.critic_episodes < 0:
         return "--lr must be > 0 and --noise-std, --value-coef, --eval-episodes >= 0"
     if not 0 <= args.val_fraction < 1:
         return "--val-fraction must be in [0, 1)"
@@ -566,6 +639,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ignore_velocity_inputs(model)
     metadata = {"format": "pt", "model_class": MODEL_CLASS, "model_config": json.dumps(model_config, sort_keys=True)}
     save_safetensors(model.state_dict(), out, metadata)
+    critic = None
+    if args.critic_episodes:
+        from bridge.vla_loading import load_vla_model
+
+        module, variables = load_vla_model(out, MODEL_CLASS, model_config)
+        rollouts = policy_rollouts(module, variables, env, args.critic_episodes, args.seed + 1, args.log_std)
+        critic = calibrate_critic(model, rollouts, args.critic_epochs, args.seed)
+        save_safetensors(model.state_dict(), out, metadata)
 
     info: dict[str, Any] = {
         "model_class": MODEL_CLASS,
@@ -579,7 +660,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      "val_fraction": args.val_fraction, "aux_coef": args.aux_coef, "augment": args.augment,
                      "embedding_std": args.embedding_std, "final_epoch": history[-1],
                      "torch": torch.__version__},
-        "timing": {"train_seconds": round(train_seconds, 1)},
+        "critic_calibration": critic,
+        "timing": {"train_seconds": round(train_seconds, 1), "total_seconds": round(time.perf_counter() - t0, 1)},
         "make_checkpoint": f"python -m bridge.pretrain_bc --out {out}",
     }
     if args.eval_episodes:
