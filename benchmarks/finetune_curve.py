@@ -192,7 +192,6 @@ def initial_level(config: dict, checkpoint: Path | None) -> dict:
 
 def export_round_trip(run_dir: Path, batch: int = 64) -> dict:
     """Export the run's final policy to torch, reload it strictly, compare action means with JAX."""
-    import jax
     import numpy as np
     import torch
     from safetensors.torch import load_file
@@ -268,10 +267,27 @@ def plot(curves: dict[str, list[dict]], starts: dict[str, dict], bc_level: float
     return path
 
 
+def training_episode_lengths(run_dir: Path, window: int = 10) -> tuple[float | None, float | None]:
+    """Mean training-episode length over the first and the last `window` iterations.
+
+    Why it is reported: on VLReach a policy that cannot yet tell the target
+    from the other objects can still raise its return by touching nothing
+    (no wrong-object penalty, a timeout instead), which shows as episodes
+    getting longer while success does not rise.
+    """
+    lengths = [json.loads(line).get("episode_length_mean") for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lengths = [x for x in lengths if x is not None]
+    if not lengths:
+        return None, None
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return mean(lengths[:window]), mean(lengths[-window:])
+
+
 def summarise(name: str, run_dir: Path, curve: list[dict], start: dict) -> dict:
     """One result line: start, final and best success, and steps / wall time to the target."""
     reach = first_reach(curve, TARGET)
     last = curve[-1] if curve else {}
+    early_length, late_length = training_episode_lengths(run_dir)
     return {
         "bench": "finetune", "run": name, "run_dir": str(run_dir),
         "initial_success": start["success_rate"], "final_success": last.get("success_rate"),
@@ -279,6 +295,7 @@ def summarise(name: str, run_dir: Path, curve: list[dict], start: dict) -> dict:
         "final_return": last.get("return_mean"), "env_steps": last.get("global_step"), "wall_s": last.get("wall_s"),
         "steps_to_target": reach["global_step"] if reach else None,
         "wall_s_to_target": reach["wall_s"] if reach else None, "target": TARGET,
+        "episode_length_first_10": early_length, "episode_length_last_10": late_length,
     }
 
 
@@ -293,7 +310,8 @@ def markdown(results: list[dict], export: dict | None, config: dict, bc_info: di
     rows = [
         f"| {r['run']} | {fmt(r['initial_success'], '.1%')} | {fmt(r['final_success'], '.1%')} | "
         f"{fmt(r['best_success'], '.1%')} | {fmt(r['steps_to_target'], ',')} | {fmt(r['wall_s_to_target'], '.0f')} | "
-        f"{fmt(r['env_steps'], ',')} | {fmt(r['wall_s'], '.0f')} |"
+        f"{fmt(r['env_steps'], ',')} | {fmt(r['wall_s'], '.0f')} | "
+        f"{fmt(r['episode_length_first_10'], '.1f')} -> {fmt(r['episode_length_last_10'], '.1f')} |"
         for r in results
     ]
     bc = ""
@@ -317,8 +335,8 @@ def markdown(results: list[dict], export: dict | None, config: dict, bc_info: di
         "",
         bc.strip(),
         "",
-        f"| run | success at step 0 | final success | best success | env steps to {TARGET:.0%} | wall s to {TARGET:.0%} | env steps | wall s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| run | success at step 0 | final success | best success | env steps to {TARGET:.0%} | wall s to {TARGET:.0%} | env steps | wall s | training episode length, first -> last 10 iterations |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
     ]

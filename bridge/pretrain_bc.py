@@ -410,7 +410,6 @@ def policy_rollouts(module: Any, variables: dict, env: Any, episodes: int, seed:
     file's layout, via `jaxrl_vla.tasks.demos`), one jitted call per batch.
     """
     import jax
-    import jax.numpy as jnp
 
     from jaxrl_vla.tasks.demos import episode_keys, flatten_valid, run_episodes
 

@@ -111,7 +111,6 @@ def im2col_patches(x: jax.Array, window: Sequence[int], strides: Sequence[int], 
 
     `pads` are explicit (low, high) pairs (negative values crop, like lax.pad).
     """
-    nd = len(window)
     x = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0),) + tuple((lo, hi, 0) for lo, hi in pads) + ((0, 0, 0),))
     out = tuple((size - k) // s + 1 for size, k, s in zip(x.shape[1:-1], window, strides))
     if any(o < 1 for o in out):
