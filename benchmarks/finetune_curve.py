@@ -299,6 +299,26 @@ def summarise(name: str, run_dir: Path, curve: list[dict], start: dict) -> dict:
     }
 
 
+def reading(result: dict) -> str:
+    """One sentence per run saying, from its numbers, whether it reached the target and what changed."""
+    name = {"pretrained": "From the BC checkpoint", "scratch": "From random weights"}.get(result["run"], result["run"])
+    start, final, best = result["initial_success"], result["final_success"], result["best_success"]
+    if result["steps_to_target"] is not None:
+        verdict = (f"reached {TARGET:.0%} success after {result['steps_to_target']:,} env steps "
+                   f"({fmt(result['wall_s_to_target'], '.0f')} s)")
+    else:
+        verdict = f"did not reach the {TARGET:.0%} target within {fmt(result['env_steps'], ',')} env steps"
+    sentence = (f"{name}: {verdict}; success {fmt(start, '.1%')} at step 0, best {fmt(best, '.1%')}, "
+                f"final {fmt(final, '.1%')}")
+    early, late = result["episode_length_first_10"], result["episode_length_last_10"]
+    if early is not None and late is not None:
+        sentence += f"; training episodes went from {early:.1f} to {late:.1f} steps"
+        if late > 1.3 * early and final is not None and start is not None and final < start:
+            sentence += (" (longer episodes with lower success: the policy learned to move slower and hesitate "
+                         "near objects rather than to tell the target apart)")
+    return sentence + "."
+
+
 def fmt(value: Any, spec: str = "") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -340,6 +360,7 @@ def markdown(results: list[dict], export: dict | None, config: dict, bc_info: di
         *rows,
         "",
     ]
+    lines += [f"- {reading(r)}" for r in results] + [""]
     if export:
         lines += [
             f"Export: the fine-tuned parameters went back to torch with `bridge.export_to_torch` "
