@@ -34,8 +34,9 @@ What it does, in order:
 Determinism: torch.manual_seed, torch.use_deterministic_algorithms(True), a
 fixed number of intra-op threads (`--threads`, default 2) and a data order drawn
 from a seeded generator. The demos are themselves a function of their seed, so
-two runs with the same arguments write identical checkpoint bytes on the same
-machine and thread count.
+two runs with the same arguments write bit-identical tensors and metadata on the same
+machine and thread count (the file bytes may differ: safetensors writes its
+metadata map in hash order).
 
 The target is a useful but imperfect policy (evaluation success roughly
 30-70%); `--episodes` and `--epochs` set where it lands (the defaults were
