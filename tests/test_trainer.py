@@ -91,13 +91,19 @@ def test_sigint_writes_a_checkpoint_and_returns(tmp_path):
         if record["iteration"] == 2:
             os.kill(os.getpid(), signal.SIGINT)
 
-    trainer = make_trainer(tmp_path, iterations=50, log_fn=on_iteration)
-    trainer.train()
+    # Start from Python's own handler whatever the caller set (a shell's background job ignores
+    # SIGINT), and check that training puts back exactly the handler it found.
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        trainer = make_trainer(tmp_path, iterations=50, log_fn=on_iteration)
+        trainer.train()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outer)
     assert trainer.interrupted
     stopped_at = int(trainer.state.iteration)
     assert 2 <= stopped_at < 50
     assert (trainer.run_dir / "checkpoints" / str(stopped_at)).is_dir()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_run_directories_are_never_reused(tmp_path):
