@@ -257,12 +257,10 @@ def update(
         if cfg.target_kl is not None:
             stopped = jnp.logical_or(stopped, metrics["approx_kl"] > 1.5 * cfg.target_kl)
         updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        keep_old = lambda new, old: jnp.where(stopped, old, new)  # noqa: E731
-        new_state = UpdateState(
-            jax.tree_util.tree_map(keep_old, new_params, state.params),
-            jax.tree_util.tree_map(keep_old, new_opt_state, state.opt_state),
-        )
+        new_state = UpdateState(optax.apply_updates(state.params, updates), new_opt_state)
+        if cfg.target_kl is not None:  # without it nothing stops: no per-leaf select to pay for
+            keep_old = lambda new, old: jnp.where(stopped, old, new)  # noqa: E731
+            new_state = jax.tree_util.tree_map(keep_old, new_state, state)
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["applied"] = 1.0 - stopped.astype(jnp.float32)
         return (new_state, stopped), metrics
