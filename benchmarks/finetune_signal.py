@@ -182,6 +182,8 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], dict]:
     for size in sizes:
         if per_batch % size:
             raise SystemExit(f"--sizes: {size} does not divide --envs x --steps = {per_batch}")
+    if max(sizes) != per_batch:  # the reference direction pools the largest batches: every sample
+        raise SystemExit(f"--sizes: the largest must be --envs x --steps = {per_batch}, got {max(sizes)}")
     collect = make_collect(env, policy, args.envs, args.steps)
     ppo_grad, bc_grad = make_gradients(policy, algo)
     lambdas = [float(x) for x in args.lambdas.split(",")]
@@ -200,6 +202,7 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], dict]:
             flat_expert = np.asarray(expert).reshape(per_batch, -1)
             order = np.random.default_rng(args.seed).permutation(per_batch)
             for size in sizes:
+                # small batches: disjoint ones covering up to 4,096 samples of the rollout (compute bound)
                 count = max(1, min(per_batch // size, 4096 // size if size < 4096 else 1))
                 for j in range(count):
                     rows = order[j * size:(j + 1) * size]
