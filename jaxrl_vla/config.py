@@ -80,7 +80,7 @@ SCHEMA: dict[str, Any] = {
         "num_collectors": Field(int, 1, "vla mode: collector threads, each with its own envs", _pos, "> 0"),
         "env_step_timeout": Field((int, float), 60.0, "vla mode: seconds an env step or inference may take before the run fails", _pos, "> 0"),
         "progress": Field(bool, True, "show the progress bar"),
-        "iterations_per_call": Field(int, 0, "standard mode, JAX-native env: iterations run by one jitted call (a loop over iterations inside jit, which saves the per-call dispatch and sync; metrics.jsonl still gets one record per iteration); must divide eval_freq and save_freq (when > 0) so that no call straddles an evaluation or a checkpoint; 0: auto, the largest such value <= 8 and <= the run's iterations", _nonneg, ">= 0"),
+        "iterations_per_call": Field(int, 0, "standard mode, JAX-native env: iterations run by one jitted call (a loop over iterations inside jit, which saves the per-call dispatch and sync; metrics.jsonl still gets one record per iteration); must divide eval_freq and save_freq (when > 0) so that no call straddles an evaluation or a checkpoint; 0: auto, each call as many iterations as fill ~0.25 s at the measured iteration time, up to the largest such value <= 32 and <= the run's iterations", _nonneg, ">= 0"),
     },
     "algorithm": {
         "name": Field(str, "ppo", "algorithm", *_one_of("ppo")),

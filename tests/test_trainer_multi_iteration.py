@@ -13,7 +13,12 @@ from jaxrl_vla.algo import PPOConfig
 from jaxrl_vla.config import ConfigError, load_config
 from jaxrl_vla.envs import make_env
 from jaxrl_vla.models.actor_critic import ActorCritic
-from jaxrl_vla.training.trainer import MAX_AUTO_ITERATIONS_PER_CALL, auto_iterations_per_call, call_sizes
+from jaxrl_vla.training.trainer import (
+    MAX_AUTO_ITERATIONS_PER_CALL,
+    adaptive_call_iterations,
+    auto_iterations_per_call,
+    call_sizes,
+)
 
 CFG = PPOConfig(learning_rate=2.5e-3, lr_schedule="linear", n_epochs=4, batch_size=256, ent_coef=0.01)
 
@@ -43,11 +48,23 @@ def leaves_equal(a, b):
 
 @pytest.mark.parametrize(
     "eval_freq, save_freq, total, expected",
-    [(10, 50, 100, 5), (0, 0, 100, 8), (4, 0, 100, 4), (12, 0, 100, 6), (3, 50, 100, 1), (0, 50, 5, 5), (10, 0, 3, 2)],
+    [(10, 50, 100, 10), (0, 0, 100, 32), (4, 0, 100, 4), (12, 0, 100, 12), (3, 50, 100, 1), (0, 50, 5, 5),
+     (10, 0, 3, 2), (40, 0, 100, 20)],
 )
 def test_auto_k_divides_the_periods_and_is_capped(eval_freq, save_freq, total, expected):
     assert auto_iterations_per_call(eval_freq, save_freq, total) == expected
     assert expected <= MAX_AUTO_ITERATIONS_PER_CALL
+
+
+@pytest.mark.parametrize(
+    "max_k, seconds, expected",
+    [(32, None, 1), (32, 0.006, 32), (32, 0.01, 16), (32, 0.2, 1), (32, 7.0, 1), (20, 0.03, 5), (12, 0.05, 4),
+     (1, 0.001, 1)],
+)
+def test_auto_calls_are_sized_to_the_measured_iteration_time(max_k, seconds, expected):
+    """A divisor of the compiled maximum (so calls still end on evaluations and checkpoints) that
+    fits CALL_TARGET_SECONDS (0.25 s); one iteration per call until one has been timed."""
+    assert adaptive_call_iterations(max_k, seconds) == expected
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 8])
@@ -110,6 +127,25 @@ def test_k_iterations_per_call_behave_like_one(tmp_path):
     # the same iterations, scanned: on CPU the parameters are in fact bit-identical
     close = jax.tree_util.tree_map(lambda x, y: np.allclose(x, y, rtol=1e-4, atol=1e-6),
                                    trainer.state.params, single_trainer.state.params)
+    assert all(jax.tree_util.tree_leaves(close))
+
+
+def test_auto_call_sizes_keep_every_evaluation_checkpoint_and_result(tmp_path):
+    """Auto mode (iterations_per_call 0) sizes its calls by time; every evaluation and checkpoint
+    still falls on a call end, and the parameters are those of one iteration per call."""
+    kw = dict(iterations=12, eval_freq=4, save_freq=8)
+    auto = make_trainer(tmp_path / "auto", iterations_per_call=0, **kw)
+    auto.train()
+    single = make_trainer(tmp_path / "single", iterations_per_call=1, **kw)
+    single.train()
+    records = read_metrics(auto.run_dir)
+    assert auto.call_iterations == 4 and "up to 4 per jitted call" in auto.describe(12)
+    assert auto.trace_count == 1
+    assert [r["iteration"] for r in records] == list(range(1, 13))
+    assert [r["iteration"] for r in records if "eval/return_mean" in r] == [4, 8, 12]
+    assert checkpoints(auto.run_dir) == [8, 12]
+    close = jax.tree_util.tree_map(lambda x, y: np.allclose(x, y, rtol=1e-4, atol=1e-6),
+                                   auto.state.params, single.state.params)
     assert all(jax.tree_util.tree_leaves(close))
 
 
