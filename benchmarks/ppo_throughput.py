@@ -148,6 +148,13 @@ def build_ours(config_path: Path | None, overrides: list[str]):
     return build_trainer(cfg), cfg
 
 
+def first_call_size(records: list[dict]) -> int:
+    """Iterations run by the first jitted call: its records come together, sharing its wall time
+    (in auto mode the first call runs one iteration; later ones are sized to the iteration time)."""
+    first = records[0]["iteration_time"]
+    return next((i for i, r in enumerate(records) if r["iteration_time"] != first), len(records))
+
+
 def ours_throughput(p: dict, iterations: int) -> dict:
     """Our Trainer as a user runs it, in this process, without evaluation."""
     out_dir = tempfile.mkdtemp(prefix="bench-ppo-")
@@ -165,6 +172,7 @@ def ours_throughput(p: dict, iterations: int) -> dict:
         # the call's wall time divided by k as iteration_time
         k = getattr(trainer, "call_iterations", 1)
         times = [r["iteration_time"] for _, r in stamps]
+        first = first_call_size([r for _, r in stamps])
         warm = k * -(-3 // k)  # whole calls (at least 3 iterations) left out of the steady window
         steady = times[warm:]
         wall_per_iteration = (stamps[-1][0] - stamps[warm - 1][0]) / len(steady)
@@ -172,8 +180,8 @@ def ours_throughput(p: dict, iterations: int) -> dict:
         return {
             "sps": n_samples / wall_per_iteration,
             "sps_iteration": n_samples / statistics.median(steady),
-            "compile_s": k * (times[0] - statistics.median(steady)),
-            "setup_s": (stamps[0][0] - t_train - k * times[0]) + (t_train - t0),
+            "compile_s": first * (times[0] - statistics.median(steady)),
+            "setup_s": (stamps[0][0] - t_train - first * times[0]) + (t_train - t0),
             "steady_iteration_s": wall_per_iteration,
             "dispatch_and_compute_s": call_per_iteration,
             "host_overhead_s": wall_per_iteration - call_per_iteration,
@@ -268,15 +276,16 @@ def ours_solve(spec: dict) -> dict:
         else:  # calls end at evaluations: the iterations' shares of their calls (evaluation excluded)
             gaps = times[warm:]
         steady = statistics.median(times[warm:]) if len(times) > warm + 1 else None
+        first = first_call_size([r for _, r in stamps]) if stamps else 1
         return {
             "time_to_solve_s": solved.get("time_s"),
             "steps_to_solve": solved.get("steps"),
             "final_eval": evals[-1][1] if evals else None,
             "wall_s": wall,
             "import_s": import_s,
-            "compile_s": k * (times[0] - steady) if steady else None,
+            "compile_s": first * (times[0] - steady) if steady else None,
             "first_iteration_at_s": stamps[0][0] - t0 if stamps else None,
-            "setup_s": (stamps[0][0] - t0 - k * times[0]) if stamps else None,
+            "setup_s": (stamps[0][0] - t0 - first * times[0]) if stamps else None,
             "sps": (n_samples / statistics.median(gaps)) if gaps else None,
             "evals": evals,
         }
