@@ -43,7 +43,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -137,27 +137,6 @@ def _im2col_conv(lhs, rhs, strides: tuple[int, ...], pads: Pads, precision, pref
     )
 
 
-def conv_general_dilated_im2col(
-    lhs: jax.Array,
-    rhs: jax.Array,
-    window_strides: Sequence[int],
-    padding: str | Sequence[tuple[int, int]],
-    lhs_dilation: Sequence[int] | None = None,
-    rhs_dilation: Sequence[int] | None = None,
-    dimension_numbers: Any = None,
-    feature_group_count: int = 1,
-    batch_group_count: int = 1,
-    precision: Any = None,
-    preferred_element_type: Any = None,
-) -> jax.Array:
-    """`lax.conv_general_dilated` as im2col + matmul (channels-last, no dilation, no groups)."""
-    strides, pads = _canonicalize(
-        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-        feature_group_count, batch_group_count,
-    )
-    return _im2col_conv(lhs, rhs, strides, pads, precision, preferred_element_type)
-
-
 def _xla_conv(lhs, rhs, strides: tuple[int, ...], pads: Pads, precision, preferred_element_type) -> jax.Array:
     io_spec, kernel_spec = _channels_last_spec(lhs.ndim - 2)
     return lax.conv_general_dilated(
@@ -198,24 +177,47 @@ def _backward(strides, pads, precision, preferred_element_type, residuals, cotan
 _xla_forward_im2col_backward.defvjp(_forward, _backward)
 
 
-def conv_general_dilated_cpu(
-    lhs: jax.Array,
-    rhs: jax.Array,
-    window_strides: Sequence[int],
-    padding: str | Sequence[tuple[int, int]],
-    lhs_dilation: Sequence[int] | None = None,
-    rhs_dilation: Sequence[int] | None = None,
-    dimension_numbers: Any = None,
-    feature_group_count: int = 1,
-    batch_group_count: int = 1,
-    precision: Any = None,
-    preferred_element_type: Any = None,
-) -> jax.Array:
-    """`lax.conv_general_dilated` forward, im2col backward (see the module docstring for why)."""
-    strides, pads = _canonicalize(
-        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-        feature_group_count, batch_group_count,
-    )
-    if isinstance(precision, list):
-        precision = tuple(precision)  # custom_vjp's static arguments must be hashable
-    return _xla_forward_im2col_backward(lhs, rhs, strides, pads, precision, preferred_element_type)
+ConvCore = Callable[[jax.Array, jax.Array, tuple[int, ...], Pads, Any, Any], jax.Array]
+
+
+def _with_lax_signature(core: ConvCore, name: str, doc: str) -> Callable[..., jax.Array]:
+    """A drop-in for `lax.conv_general_dilated` (the signature flax's `nn.Conv` calls it with)
+    that validates its arguments and runs `core(lhs, rhs, strides, pads, precision,
+    preferred_element_type)`: one front end for both public convolutions."""
+
+    def conv(
+        lhs: jax.Array,
+        rhs: jax.Array,
+        window_strides: Sequence[int],
+        padding: str | Sequence[tuple[int, int]],
+        lhs_dilation: Sequence[int] | None = None,
+        rhs_dilation: Sequence[int] | None = None,
+        dimension_numbers: Any = None,
+        feature_group_count: int = 1,
+        batch_group_count: int = 1,
+        precision: Any = None,
+        preferred_element_type: Any = None,
+    ) -> jax.Array:
+        strides, pads = _canonicalize(
+            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+            feature_group_count, batch_group_count,
+        )
+        if isinstance(precision, list):
+            precision = tuple(precision)  # custom_vjp's static arguments must be hashable
+        return core(lhs, rhs, strides, pads, precision, preferred_element_type)
+
+    conv.__name__ = conv.__qualname__ = name
+    conv.__doc__ = doc
+    return conv
+
+
+conv_general_dilated_im2col = _with_lax_signature(
+    _im2col_conv,
+    "conv_general_dilated_im2col",
+    "`lax.conv_general_dilated` as im2col + matmul (channels-last, no dilation, no groups).",
+)
+conv_general_dilated_cpu = _with_lax_signature(
+    _xla_forward_im2col_backward,
+    "conv_general_dilated_cpu",
+    "`lax.conv_general_dilated` forward, im2col backward (see the module docstring for why).",
+)

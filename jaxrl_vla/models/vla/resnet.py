@@ -45,6 +45,12 @@ _ACTIVATIONS = {"relu": nn.relu, "gelu": lambda x: nn.gelu(x, approximate=False)
 CONV_IMPLS = ("auto", "xla", "im2col")
 
 
+def check_conv_impl(conv_impl: str) -> None:
+    """ValueError unless `conv_impl` is one of CONV_IMPLS (the config's and the layers' check)."""
+    if conv_impl not in CONV_IMPLS:
+        raise ValueError(f"conv_impl must be one of {list(CONV_IMPLS)}, got {conv_impl!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ResNetConfig:
     """The fields of transformers' `ResNetConfig` that shape the network.
@@ -80,8 +86,7 @@ class ResNetConfig:
             )
         if self.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"hidden_act must be one of {sorted(_ACTIVATIONS)}, got {self.hidden_act!r}")
-        if self.conv_impl not in CONV_IMPLS:
-            raise ValueError(f"conv_impl must be one of {list(CONV_IMPLS)}, got {self.conv_impl!r}")
+        check_conv_impl(self.conv_impl)
 
     @property
     def output_dim(self) -> int:
@@ -126,8 +131,7 @@ def _conv_init() -> nn.initializers.Initializer:
 
 def conv_function(conv_impl: str) -> Any:
     """The `conv_general_dilated` for `nn.Conv` that `conv_impl` names ("auto" resolved at trace time)."""
-    if conv_impl not in CONV_IMPLS:
-        raise ValueError(f"conv_impl must be one of {list(CONV_IMPLS)}, got {conv_impl!r}")
+    check_conv_impl(conv_impl)
     if conv_impl == "auto":
         conv_impl = "im2col" if jax.default_backend() == "cpu" else "xla"
     return conv_general_dilated_cpu if conv_impl == "im2col" else lax.conv_general_dilated
