@@ -109,10 +109,14 @@ def call_sizes(start: int, total: int, k: int) -> list[int]:
     """
     sizes, done = [], start
     while done < total:
-        size = min(k - done % k, total - done)
-        sizes.append(size)
-        done += size
+        sizes.append(call_size(done, total, k))
+        done += sizes[-1]
     return sizes
+
+
+def call_size(done: int, total: int, k: int) -> int:
+    """The first of `call_sizes(done, total, k)`: up to the next multiple of k, or to total."""
+    return min(k - done % k, total - done)
 
 
 def loop_iterations(
@@ -168,8 +172,9 @@ class Trainer:
       num_envs      parallel envs
       iterations    planned iterations (fixes the LR schedule); train() may override
       success_key   info key counted as task success (the env's "success" by default)
-      iterations_per_call  iterations per jitted call (standard mode with a JAX env);
-                    0: auto (`auto_iterations_per_call`); must divide eval_freq and save_freq
+      iterations_per_call  iterations per jitted call (standard mode with a JAX env); must divide
+                    eval_freq and save_freq; 0: auto, calls of ~CALL_TARGET_SECONDS of up to
+                    `auto_iterations_per_call` iterations (`adaptive_call_iterations`)
     """
 
     def __init__(
@@ -426,7 +431,8 @@ class Trainer:
         )
 
     def _loop(self, start: int, total: int, logger: RunLogger, checkpointer: Checkpointer) -> bool:
-        """Run the calls of `call_sizes`, logging one record per iteration; True when stopped early."""
+        """Run the iterations in calls (`_next_call_size`), logging one record per iteration;
+        True when stopped early."""
         last_eval: dict = {}
         done, size = start, None
         seconds_per_iteration: float | None = None
@@ -442,9 +448,8 @@ class Trainer:
             if result is None:  # a stop request ended the call early
                 return True
             self.state, reports = result
-            per_iteration = (time.perf_counter() - t0) / size
-            seconds_per_iteration = per_iteration
-            records = [self._record(done + i + 1, m, e, per_iteration) for i, (m, e) in enumerate(reports)]
+            seconds_per_iteration = (time.perf_counter() - t0) / size
+            records = [self._record(done + i + 1, m, e, seconds_per_iteration) for i, (m, e) in enumerate(reports)]
             if self._evaluation_due(after, total):  # call_sizes: only ever the call's last iteration
                 last_eval = self.evaluate()
                 records[-1].update(last_eval)
@@ -462,10 +467,10 @@ class Trainer:
         """Iterations of the call that starts after `done`: up to the next multiple of the
         call's K (see `call_sizes`), K fixed by trainer.iterations_per_call or, in auto, sized
         to the measured iteration time (`adaptive_call_iterations`)."""
-        k = self.call_iterations
-        if not self.iterations_per_call and self._program is not None:
+        k = self.call_iterations  # 1 where the host drives each iteration (the async trainer)
+        if not self.iterations_per_call:
             k = adaptive_call_iterations(k, seconds_per_iteration)
-        return call_sizes(done, total, k)[0]
+        return call_size(done, total, k)
 
     def _record(self, iteration: int, metrics: dict, episodes: EpisodeStats, seconds: float) -> dict:
         """The metrics.jsonl record of one iteration; `seconds` is its share of its call's wall time."""
