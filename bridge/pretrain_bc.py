@@ -606,7 +606,7 @@ def check_args(args: argparse.Namespace) -> str | None:
         if getattr(args, name) < 1:
             return f"--{name.replace('_', '-')} must be >= 1"
     if args.lr <= 0 or args.noise_std < 0 or args.value_coef < 0 or args.eval_episodes < 0 or args.critic_episodes < 0:
-        return "--lr must be > 0 and --noise-std, --value-coef, --eval-episodes >= 0"
+        return "--lr must be > 0 and --noise-std, --value-coef, --eval-episodes, --critic-episodes >= 0"
     if not 0 <= args.val_fraction < 1:
         return "--val-fraction must be in [0, 1)"
     return None
