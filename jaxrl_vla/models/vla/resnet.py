@@ -19,13 +19,15 @@ Conventions that matter for parity with torch:
   `batch_stats` as non-trainable state; only `params` (BN scale/bias included)
   are optimised.
 
-How convolutions are computed (`ResNetConfig.conv_impl`, default "auto"):
-XLA:CPU runs a convolution's kernel gradient ~10x slower when it sits inside a
-while loop (jax-ml/jax#12868), and PPO's update is a nested `lax.scan`. On the
-CPU backend the convolutions therefore use `conv.conv_general_dilated_cpu`:
-XLA's forward, an im2col (slices + matmul) backward. On GPU/TPU ("auto" ->
-"xla") cuDNN's/XLA's convolution is used throughout. The choice changes no
-parameter name, shape or layout, and the forward output not at all.
+How convolutions and pooling are computed (`ResNetConfig.conv_impl`, default
+"auto"): XLA:CPU runs a convolution's kernel gradient 35-170x slower when it
+sits inside a while loop (jax-ml/jax#12868), and PPO's update is a nested
+`lax.scan`. On the CPU backend the convolutions and the stem's max pool
+therefore use `cpu_ops`: XLA's forward, a backward written as canonical
+forward convolutions (and compares/selects for the pool) that XLA runs at full
+speed in loops. On GPU/TPU ("auto" -> "xla") XLA's own ops are used
+throughout. The choice changes no parameter name, shape or layout, and the
+forward output not at all.
 """
 
 from __future__ import annotations
@@ -38,11 +40,11 @@ import jax.numpy as jnp
 import flax.linen as nn
 from jax import lax
 
-from jaxrl_vla.models.vla.conv import conv_general_dilated_cpu
+from jaxrl_vla.models.vla.cpu_ops import conv_general_dilated_cpu, max_pool_cpu
 
 BN_EPSILON = 1e-5  # torch.nn.BatchNorm2d default
 _ACTIVATIONS = {"relu": nn.relu, "gelu": lambda x: nn.gelu(x, approximate=False), "silu": nn.silu}
-CONV_IMPLS = ("auto", "xla", "im2col")
+CONV_IMPLS = ("auto", "xla", "cpu")
 
 
 def check_conv_impl(conv_impl: str) -> None:
@@ -59,12 +61,12 @@ class ResNetConfig:
     two twins are always built from one description.
 
     `conv_impl` is not part of the network (torch has no such field, and it
-    changes no parameter): how the Flax twin computes its convolutions.
-    "xla": `lax.conv_general_dilated`. "im2col": XLA's forward with an im2col
-    backward (`conv.conv_general_dilated_cpu`), because XLA:CPU runs the conv
-    kernel gradient ~10x slower inside `lax.scan` loops such as PPO's update
-    (jax-ml/jax#12868). "auto" (default): "im2col" when `jax.default_backend()`
-    is "cpu" at trace time, else "xla" (cuDNN is fast on GPU).
+    changes no parameter): how the Flax twin computes its convolutions and
+    its max pool. "xla": `lax.conv_general_dilated` and `nn.max_pool`. "cpu":
+    the same forward with backward passes XLA:CPU runs at full speed inside
+    `lax.scan` loops such as PPO's update (`cpu_ops`; XLA's own conv kernel
+    gradient is 35-170x slower there, jax-ml/jax#12868). "auto" (default):
+    "cpu" when `jax.default_backend()` is "cpu" at trace time, else "xla".
     """
 
     num_channels: int = 3
@@ -75,7 +77,7 @@ class ResNetConfig:
     hidden_act: str = "relu"
     downsample_in_first_stage: bool = False
     downsample_in_bottleneck: bool = False
-    conv_impl: str = "auto"  # "auto" | "xla" | "im2col"; see the class docstring
+    conv_impl: str = "auto"  # "auto" | "xla" | "cpu"; see the class docstring
 
     def __post_init__(self) -> None:
         if self.layer_type not in ("basic", "bottleneck"):
@@ -129,12 +131,24 @@ def _conv_init() -> nn.initializers.Initializer:
     return nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def conv_function(conv_impl: str) -> Any:
-    """The `conv_general_dilated` for `nn.Conv` that `conv_impl` names ("auto" resolved at trace time)."""
+def _resolve_conv_impl(conv_impl: str) -> str:
+    """What `conv_impl` means ("xla" or "cpu") on the backend being traced for: "auto" resolved here."""
     check_conv_impl(conv_impl)
     if conv_impl == "auto":
-        conv_impl = "im2col" if jax.default_backend() == "cpu" else "xla"
-    return conv_general_dilated_cpu if conv_impl == "im2col" else lax.conv_general_dilated
+        return "cpu" if jax.default_backend() == "cpu" else "xla"
+    return conv_impl
+
+
+def conv_function(conv_impl: str) -> Any:
+    """The `conv_general_dilated` for `nn.Conv` that `conv_impl` names."""
+    return conv_general_dilated_cpu if _resolve_conv_impl(conv_impl) == "cpu" else lax.conv_general_dilated
+
+
+def max_pool_function(conv_impl: str) -> Any:
+    """`f(x, window_shape, strides, padding)`: the max pool that `conv_impl` names (explicit -inf padding)."""
+    if _resolve_conv_impl(conv_impl) == "cpu":
+        return max_pool_cpu
+    return lambda x, window_shape, strides, padding: nn.max_pool(x, window_shape, strides=strides, padding=padding)
 
 
 def _needs_shortcut(in_channels: int, out_channels: int, stride: int) -> bool:
@@ -323,7 +337,7 @@ class ResNetEmbeddings(nn.Module):
             conv_impl=self.config.conv_impl,
             name="embedder",
         )(pixel_values)
-        return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        return max_pool_function(self.config.conv_impl)(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
 
 
 class ResNetEncoder(nn.Module):
