@@ -135,6 +135,65 @@ def test_training_without_torch(tmp_path):
     assert "OK" in out.stdout
 
 
+def test_two_devices_split_each_minibatch(tmp_path):
+    """Data-parallel PPO: with minibatch_sharding each device computes half of every minibatch (half the
+    FLOPs per device program) and the update equals the one-device update; a batch_size the devices do not
+    divide is refused naming the field."""
+    code = textwrap.dedent(f"""
+        import functools, jax, jax.numpy as jnp, numpy as np
+        assert jax.device_count() == 2
+        from jaxrl_vla import Trainer
+        from jaxrl_vla.algo import PPOConfig, ppo
+        from jaxrl_vla.envs import make_env
+        from jaxrl_vla.models.actor_critic import ActorCritic
+        from jaxrl_vla.training import sharding
+        from jaxrl_vla.types import Batch
+        env = make_env('CartPole-v1')
+        policy = ActorCritic(env.action_space, (64, 64))
+        params = policy.init(jax.random.PRNGKey(0), jnp.zeros((1, 4)))
+        cfg = PPOConfig(n_epochs=2, batch_size=64)
+        tx = ppo.make_optimizer(cfg, 100)
+        rng = np.random.default_rng(0)
+        n = 256
+        batch = Batch(obs=jnp.asarray(rng.standard_normal((n, 4)), jnp.float32),
+                      action=jnp.asarray(rng.integers(0, 2, n), jnp.int32),
+                      log_prob=jnp.full(n, -0.69, jnp.float32), value=jnp.asarray(rng.standard_normal(n), jnp.float32),
+                      advantage=jnp.asarray(rng.standard_normal(n), jnp.float32),
+                      returns=jnp.asarray(rng.standard_normal(n), jnp.float32), chunk_index=jnp.zeros(n, jnp.int32))
+        key = jax.random.PRNGKey(1)
+        def run(minibatch_sharding, place):
+            f = jax.jit(functools.partial(ppo.update, apply_fn=policy.apply, optimizer=tx, cfg=cfg,
+                                          minibatch_sharding=minibatch_sharding))
+            args = place((params, tx.init(params), batch, key))
+            compiled = f.lower(*args).compile()
+            return compiled(*args), compiled.cost_analysis()['flops']
+        mesh = sharding.make_mesh()
+        def on_mesh(args):
+            p, o, b, k = args
+            rep = sharding.replicated(mesh)
+            return (jax.device_put(p, rep), jax.device_put(o, rep),
+                    jax.device_put(b, sharding.batch_sharded(mesh, b, n)), jax.device_put(k, rep))
+        (split, _, _), flops_split = run(sharding.minibatch_sharding(mesh, 64), on_mesh)
+        (replicated, _, _), flops_replicated = run(None, on_mesh)
+        (single, _, _), _ = run(None, lambda args: jax.device_put(args, jax.devices()[0]))
+        assert flops_split < 0.75 * flops_replicated, (flops_split, flops_replicated)
+        for a, b in zip(jax.tree_util.tree_leaves(split), jax.tree_util.tree_leaves(single)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+        try:
+            Trainer(policy, env, PPOConfig(n_epochs=1, batch_size=1), buffer_size=32, num_envs=8, iterations=1,
+                    output_dir={str(tmp_path)!r}, progress=False)
+        except ValueError as e:
+            assert 'algorithm.cfg.batch_size' in str(e), e
+        else:
+            raise AssertionError('odd batch_size on 2 devices was accepted')
+        print('OK', flops_split, flops_replicated)
+    """)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "OK" in out.stdout
+
+
 def test_two_devices_shard_the_env_batch(tmp_path):
     code = textwrap.dedent(f"""
         import jax, numpy as np

@@ -231,8 +231,15 @@ def update(
     optimizer: optax.GradientTransformation,
     cfg: PPOConfig,
     trainable_mask: Any = None,
+    minibatch_sharding: jax.sharding.Sharding | None = None,
 ) -> tuple[Any, Any, dict]:
     """n_epochs passes of shuffled minibatch SGD over `batch`; pure and jittable.
+
+    `minibatch_sharding` (e.g. `NamedSharding(mesh, P(None, "data"))`) splits
+    every minibatch over the devices: each computes the loss and gradients of
+    its share and XLA all-reduces the gradient (data parallelism, the same
+    maths as one device). Without it the shuffle's global gather leaves the
+    minibatches replicated and every device would run the whole update.
 
     `trainable_mask` (the optimiser's, see `make_optimizer`) puts
     `stop_gradient` on the frozen leaves, so their gradients are never
@@ -270,6 +277,8 @@ def update(
         shuffled = jax.tree_util.tree_map(
             lambda x: jnp.take(x, order, axis=0).reshape((num_minibatches, cfg.batch_size) + x.shape[1:]), batch
         )
+        if minibatch_sharding is not None:  # [M, mb, ...]: split the mb axis over the devices
+            shuffled = jax.lax.with_sharding_constraint(shuffled, minibatch_sharding)
         return jax.lax.scan(minibatch_step, carry, shuffled)
 
     init = (UpdateState(params, opt_state), jnp.asarray(False))

@@ -50,9 +50,16 @@ def initial_train_state(
 
 
 def make_learn_fn(
-    apply_fn: Callable, optimizer: optax.GradientTransformation, cfg: ppo.PPOConfig, trainable_mask: Any = None
+    apply_fn: Callable,
+    optimizer: optax.GradientTransformation,
+    cfg: ppo.PPOConfig,
+    trainable_mask: Any = None,
+    minibatch_sharding: jax.sharding.Sharding | None = None,
 ) -> Callable[[TrainState, Transition, jax.Array], tuple[TrainState, dict]]:
     """Build the pure `learn(state, rollout [T, N], last_value [N]) -> (state, metrics)`.
+
+    `minibatch_sharding` is `ppo.update`'s (`sharding.minibatch_sharding`:
+    data-parallel minibatches on a multi-device mesh).
 
     The loss sees observations normalised with the same statistics the actor
     used, so the first epoch's ratio is exactly 1; the statistics absorb the
@@ -70,7 +77,7 @@ def make_learn_fn(
 
         params, opt_state, metrics = ppo.update(
             state.params, state.opt_state, batch, update_key, apply_fn=normalized_apply, optimizer=optimizer, cfg=cfg,
-            trainable_mask=trainable_mask,
+            trainable_mask=trainable_mask, minibatch_sharding=minibatch_sharding,
         )
         new_stats = None if stats is None else update_stats(stats, rollout.obs)
         metrics["staleness"] = jnp.mean(state.iteration - rollout.policy_version.astype(jnp.float32))

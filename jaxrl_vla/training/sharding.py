@@ -2,8 +2,10 @@
 
 Parameters, optimiser state and scalars are replicated; every leaf of the env
 state and current observation (leading axis = env) is split over the 'data'
-axis. jit propagates these shardings through the rollout and the update (GSPMD),
-so the same code runs on 1 CPU, 8 GPUs or a TPU slice.
+axis. jit propagates these shardings through the rollout (GSPMD); the PPO
+update's shuffled minibatches are split over the same axis explicitly
+(`minibatch_sharding`), because a global shuffle's gather would otherwise
+leave them replicated. So the same code runs on 1 CPU, 8 GPUs or a TPU slice.
 """
 
 from __future__ import annotations
@@ -37,3 +39,15 @@ def batch_sharded(mesh: Mesh, tree: Any, num_envs: int) -> Any:
         return replicated(mesh)
 
     return jax.tree_util.tree_map(spec, tree)
+
+
+def minibatch_sharding(mesh: Mesh, batch_size: int) -> NamedSharding | None:
+    """How `ppo.update` splits its [num_minibatches, batch_size, ...] minibatches: the batch axis over
+    'data' (None on one device: nothing to split)."""
+    if mesh.size == 1:
+        return None
+    if batch_size % mesh.size:
+        raise ValueError(
+            f"algorithm.cfg.batch_size ({batch_size}) must be divisible by the number of devices ({mesh.size})"
+        )
+    return NamedSharding(mesh, P(None, DATA_AXIS))

@@ -233,6 +233,7 @@ class Trainer:
         self.cfg.num_minibatches(self.samples_per_iteration)  # fail early with a named error
         self.vec_env = VecEnv(env, self.num_envs)
         self.mesh = sharding.make_mesh()
+        self.minibatch_sharding = sharding.minibatch_sharding(self.mesh, self.cfg.batch_size)  # checks batch_size
         self.run_dir: Path | None = None
         self.state: TrainState | None = None
         self.trace_count = 0
@@ -270,7 +271,10 @@ class Trainer:
         self.optimizer = ppo.make_optimizer(self.cfg, total_grad_steps, self.trainable_mask)
         apply_fn = self.policy.apply
         rollout = make_rollout_fn(apply_fn, self.vec_env, self.buffer_size, self.chunk)
-        learn = make_learn_fn(apply_fn, self.optimizer, self.cfg, self.trainable_mask)
+        learn = make_learn_fn(
+            apply_fn, self.optimizer, self.cfg, self.trainable_mask,
+            self.minibatch_sharding,
+        )
 
         def iteration(state: TrainState) -> tuple[TrainState, jax.Array, jax.Array]:
             self.trace_count += 1  # runs only while tracing: counts compilations
