@@ -17,7 +17,7 @@ from jaxrl_vla.training.trainer import (
     MAX_AUTO_ITERATIONS_PER_CALL,
     adaptive_call_iterations,
     auto_iterations_per_call,
-    call_sizes,
+    call_size,
 )
 
 CFG = PPOConfig(learning_rate=2.5e-3, lr_schedule="linear", n_epochs=4, batch_size=256, ent_coef=0.01)
@@ -65,6 +65,15 @@ def test_auto_calls_are_sized_to_the_measured_iteration_time(max_k, seconds, exp
     """A divisor of the compiled maximum (so calls still end on evaluations and checkpoints) that
     fits CALL_TARGET_SECONDS (0.25 s); one iteration per call until one has been timed."""
     assert adaptive_call_iterations(max_k, seconds) == expected
+
+
+def call_sizes(start: int, total: int, k: int) -> list[int]:
+    """The calls a run with a fixed K makes from `start` to `total` iterations (as the Trainer's loop)."""
+    sizes, done = [], start
+    while done < total:
+        sizes.append(call_size(done, total, k))
+        done += sizes[-1]
+    return sizes
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 8])

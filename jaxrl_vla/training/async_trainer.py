@@ -369,10 +369,7 @@ class AsyncTrainer(Trainer):
         def act(params, obs_stats, obs, key, counter, deterministic=False):
             return act_chunk(apply_fn, params, obs_stats, obs, jax.random.fold_in(key, counter), deterministic)
 
-        learn_fn = make_learn_fn(
-            apply_fn, self.optimizer, self.cfg, self.trainable_mask,
-            self.minibatch_sharding,
-        )
+        learn_fn = make_learn_fn(apply_fn, self.optimizer, self.cfg, self.trainable_mask, self.minibatch_sharding)
 
         def learn(state, rollout, next_obs):
             """Bootstrap V(obs after the newest step) with the learner's params, then PPO."""

@@ -10,7 +10,7 @@ iterations run per jitted call (a loop over the iteration; `iterations_per_call`
 on small problems the ~2 ms of dispatch and device->host sync per call is a
 large share of an iteration, and K iterations pay it once. The host still logs
 one record per iteration, and calls end exactly where the state is needed
-(evaluation, checkpoints, the end; see `call_sizes`).
+(evaluation, checkpoints, the end; see `call_size`).
 """
 
 from __future__ import annotations
@@ -96,9 +96,9 @@ def adaptive_call_iterations(max_k: int, seconds_per_iteration: float | None,
     return max(d for d in range(1, max_k + 1) if max_k % d == 0 and (d <= fit or d == 1))
 
 
-def call_sizes(start: int, total: int, k: int) -> list[int]:
-    """Iterations per jitted call to go from `start` to `total` iterations done:
-    each call runs up to the next multiple of `k` (or to `total`), so
+def call_size(done: int, total: int, k: int) -> int:
+    """Iterations of the jitted call that starts after `done` of `total`: up to the next
+    multiple of `k` (or to `total`), so
 
       - every multiple of k is a call end; as k divides eval_freq and save_freq,
         every iteration that evaluates or checkpoints is the last of its call,
@@ -107,15 +107,6 @@ def call_sizes(start: int, total: int, k: int) -> list[int]:
         (a checkpoint written with another k or total) make calls of fewer than
         k iterations, run by the same program (see `loop_iterations`).
     """
-    sizes, done = [], start
-    while done < total:
-        sizes.append(call_size(done, total, k))
-        done += sizes[-1]
-    return sizes
-
-
-def call_size(done: int, total: int, k: int) -> int:
-    """The first of `call_sizes(done, total, k)`: up to the next multiple of k, or to total."""
     return min(k - done % k, total - done)
 
 
@@ -271,10 +262,7 @@ class Trainer:
         self.optimizer = ppo.make_optimizer(self.cfg, total_grad_steps, self.trainable_mask)
         apply_fn = self.policy.apply
         rollout = make_rollout_fn(apply_fn, self.vec_env, self.buffer_size, self.chunk)
-        learn = make_learn_fn(
-            apply_fn, self.optimizer, self.cfg, self.trainable_mask,
-            self.minibatch_sharding,
-        )
+        learn = make_learn_fn(apply_fn, self.optimizer, self.cfg, self.trainable_mask, self.minibatch_sharding)
 
         def iteration(state: TrainState) -> tuple[TrainState, jax.Array, jax.Array]:
             self.trace_count += 1  # runs only while tracing: counts compilations
@@ -445,8 +433,9 @@ class Trainer:
                 return True
             size = size or self._next_call_size(done, total, seconds_per_iteration)
             after = done + size
-            next_size = self._next_call_size(after, total, seconds_per_iteration) if self._prefetch_allowed(
-                after, total) else 0
+            next_size = 0
+            if self._prefetch_allowed(after, total):
+                next_size = self._next_call_size(after, total, seconds_per_iteration)
             t0 = time.perf_counter()
             result = self._run_call(size, next_size)
             if result is None:  # a stop request ended the call early
@@ -454,7 +443,7 @@ class Trainer:
             self.state, reports = result
             seconds_per_iteration = (time.perf_counter() - t0) / size
             records = [self._record(done + i + 1, m, e, seconds_per_iteration) for i, (m, e) in enumerate(reports)]
-            if self._evaluation_due(after, total):  # call_sizes: only ever the call's last iteration
+            if self._evaluation_due(after, total):  # call_size: only ever the call's last iteration
                 last_eval = self.evaluate()
                 records[-1].update(last_eval)
             for record in records:
@@ -469,7 +458,7 @@ class Trainer:
 
     def _next_call_size(self, done: int, total: int, seconds_per_iteration: float | None) -> int:
         """Iterations of the call that starts after `done`: up to the next multiple of the
-        call's K (see `call_sizes`), K fixed by trainer.iterations_per_call or, in auto, sized
+        call's K (see `call_size`), K fixed by trainer.iterations_per_call or, in auto, sized
         to the measured iteration time (`adaptive_call_iterations`)."""
         k = self.call_iterations  # 1 where the host drives each iteration (the async trainer)
         if not self.iterations_per_call:

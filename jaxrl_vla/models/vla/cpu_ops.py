@@ -232,9 +232,7 @@ def _reduce_window_max(x, window, strides, pads):
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _max_pool(x, window, strides, pads):
-    return _reduce_window_max(x, window, strides, pads)
+_max_pool = jax.custom_vjp(_reduce_window_max, nondiff_argnums=(1, 2, 3))
 
 
 def _max_pool_forward(x, window, strides, pads):
