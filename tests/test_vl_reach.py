@@ -222,7 +222,13 @@ def test_touching_another_object_terminates_with_failure():
     state = layout_env_state(env, effector=(0.5, 0.5 + env.touch_radius + 0.03), target=1)
     _, ts = jax.jit(env.step)(state, jnp.array([0.0, -1.0]))
     assert bool(ts.terminated) and not bool(ts.info["success"]) and bool(ts.info["wrong_object"])
-    assert float(ts.reward) < -0.5
+    # No penalty by default (see the module doc): the reward is the step's progress and action cost.
+    away = float(jnp.linalg.norm(state.effector - state.object_pos[1]))
+    closer = float(jnp.linalg.norm(state.effector + jnp.array([0.0, -env.max_speed]) - state.object_pos[1]))
+    assert float(ts.reward) == pytest.approx(env.progress_scale * (away - closer) - env.action_cost, abs=1e-5)
+    penalised = VLReach(num_objects=2, wrong_object_penalty=0.7)
+    _, ts_penalised = jax.jit(penalised.step)(state, jnp.array([0.0, -1.0]))
+    assert float(ts_penalised.reward) == pytest.approx(float(ts.reward) - 0.7, abs=1e-6)
 
 
 def test_time_limit_truncates_without_terminating():

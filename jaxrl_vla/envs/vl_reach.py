@@ -46,7 +46,16 @@ Reward (per step)
   progress_scale * (d_prev - d_new)    d = effector-to-target centre distance
   - action_cost * sum(clip(a)^2)
   + success_bonus                      on touching the target
-  - wrong_object_penalty               on touching another object
+  - wrong_object_penalty               on touching another object (default 0)
+
+  Why no wrong-object penalty by default: ending the episode already costs a
+  wrong touch the success bonus it forgoes. A penalty as large as the bonus
+  makes a policy that picks the right object with probability p < 1/2 better
+  off touching nothing until the time limit than committing (2p - 1 < 0), and
+  PPO fine-tuning of a partly grounded VLA then learns exactly that. Measured
+  from one BC checkpoint with the example's PPO settings: with the penalty,
+  episodes grew from 9 to 19 steps and evaluation success fell 51% -> 39% in
+  37k env steps; without it, success stayed at 47-52%.
 
 Termination
   An object is "touched" when the effector centre is within
@@ -459,7 +468,7 @@ class VLReach:
         progress_scale: float = 2.0,
         action_cost: float = 0.01,
         success_bonus: float = 1.0,
-        wrong_object_penalty: float = 1.0,
+        wrong_object_penalty: float = 0.0,
         templates: Sequence[str] | None = None,
     ):
         if not 2 <= num_objects <= MAX_OBJECTS:

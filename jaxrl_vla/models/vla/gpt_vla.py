@@ -21,8 +21,9 @@ Design choices, and why:
   encode every object's position and identity in C numbers before the
   instruction is seen; with one token per feature-map cell the instruction
   tokens can attend to the cell that holds "the red square" (how ViT-based
-  VLAs ground language). On VLReach the pooled variant's behaviour cloning
-  stalled near the instruction-agnostic success rate; see BENCHMARKS.md.
+  VLAs ground language). On VLReach, 4 epochs of behaviour cloning gave 48%
+  success with 16 spatial tokens against 43% with one token from a ResNet
+  strided down to 1x1, in half the time per epoch (the example's model).
 - The prefix tokens are always valid, so no query row is ever fully masked
   (such rows are implementation-defined in torch; see gpt2.py).
 - Depth is ignored unless `use_depth=True`, in which case it is appended as a
