@@ -211,7 +211,7 @@ def export_round_trip(run_dir: Path, batch: int = 64) -> dict:
     obs = observation_batch(run.env, batch)
     jax_means = np.asarray(run.policy.apply(run.params, obs)[0].mean)
     with torch.no_grad():
-        torch_means = model({k: torch.from_numpy(np.asarray(v)) for k, v in obs.items()}).numpy()
+        torch_means = model({k: torch.from_numpy(np.array(v)) for k, v in obs.items()}).numpy()
     return {"path": str(path), "batch": batch, "max_abs_diff": float(np.abs(jax_means - torch_means).max()),
             "bytes": path.stat().st_size}
 
@@ -270,10 +270,11 @@ def plot(curves: dict[str, list[dict]], starts: dict[str, dict], bc_level: float
 def training_episode_lengths(run_dir: Path, window: int = 10) -> tuple[float | None, float | None]:
     """Mean training-episode length over the first and the last `window` iterations.
 
-    Why it is reported: on VLReach a policy that cannot yet tell the target
-    from the other objects can still raise its return by touching nothing
-    (no wrong-object penalty, a timeout instead), which shows as episodes
-    getting longer while success does not rise.
+    Why it is reported: a policy that cannot yet tell the target from the
+    other objects can learn to touch nothing (a timeout) when a wrong touch
+    costs more than it expects to win, which shows as episodes getting longer
+    while success does not rise. VLReach's default reward (no wrong-object
+    penalty) removes that incentive; this column shows whether it worked.
     """
     lengths = [json.loads(line).get("episode_length_mean") for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     lengths = [x for x in lengths if x is not None]
@@ -370,8 +371,9 @@ def markdown(results: list[dict], export: dict | None, config: dict, bc_info: di
             "",
         ]
     lines.append(
-        machine_line(info) + f" 1-min load average {load[0]:.1f} at the start and {load[1]:.1f} at the end: the machine "
-        "was shared with other jobs, so wall times are noisy (env steps are not)."
+        machine_line(info) + f" 1-min load average {load[0]:.1f} before the runs"
+        + (" (other jobs were running, so wall times are noisy; env steps are not)." if load[0] > 0.5 else
+           " (a quiet machine).")
     )
     return "\n".join(lines)
 

@@ -116,6 +116,28 @@ def test_bc_is_deterministic_and_loadable(checkpoint, tmp_path):
     assert not proprio[pretrain_bc.PROPRIO_POSITION_DIMS:].any()  # the velocity inputs are cut (copycat)
 
 
+def test_bc_learns_batchnorm_statistics(checkpoint):
+    """BC trains the ResNet's BatchNorm layers (train_batchnorm_statistics): every layer's running
+    statistics moved off their initial (0, 1), and the Flax twin carries them."""
+    import jax
+    from safetensors.numpy import load_file
+
+    from bridge import load_vla_model
+
+    tensors = load_file(checkpoint)
+    layers = [k[: -len(".running_var")] for k in tensors if k.startswith("vision.") and k.endswith(".running_var")]
+    assert layers
+    for layer in layers:
+        assert tensors[f"{layer}.num_batches_tracked"] > 0, layer
+        assert not np.allclose(tensors[f"{layer}.running_var"], 1.0), layer
+        assert np.abs(tensors[f"{layer}.running_mean"]).max() > 0, layer
+    info = json.loads(pretrain_bc.sidecar_path(checkpoint).read_text())
+    _, variables = load_vla_model(checkpoint, pretrain_bc.MODEL_CLASS, info["model_config"])
+    converted = np.sort(np.concatenate([np.ravel(v) for v in jax.tree_util.tree_leaves(variables["batch_stats"])]))
+    saved = np.sort(np.concatenate([tensors[f"{layer}.{s}"].ravel() for layer in layers for s in ("running_mean", "running_var")]))
+    np.testing.assert_array_equal(converted, saved)
+
+
 def test_bc_refuses_demos_made_differently(checkpoint, tmp_path, capsys):
     code = pretrain_bc.main(["--out", str(tmp_path / "c.safetensors"), "--demos", str(checkpoint.parent / "demos.npz"),
                              "--episodes", "13", "--epochs", "1", "--eval-episodes", "0"])
