@@ -120,7 +120,7 @@ def make_collect(env: Any, policy: Any, num_envs: int, num_steps: int):
 
 
 def make_outcomes(env: Any, policy: Any, num_envs: int):
-    """Jitted `outcomes(variables, reset_key, noise_key, stochastic) -> object touched [N]` (-1: none).
+    """Jitted `outcomes(variables, reset_key, noise_key, stochastic) -> (object touched [N] (-1: none), target [N])`.
 
     One episode per env from the same resets, acting on the Gaussian means or
     on samples as PPO collects them. Which object an episode ends on is the
