@@ -325,7 +325,7 @@ def fmt(value: Any, spec: str = "") -> str:
 
 
 def markdown(results: list[dict], export: dict | None, config: dict, bc_info: dict | None, info: dict,
-             load: tuple[float, float]) -> str:
+             load_before: float) -> str:
     """The BENCHMARKS.md section."""
     t, a = config["trainer"], config["algorithm"]["cfg"]
     rows = [
@@ -371,8 +371,8 @@ def markdown(results: list[dict], export: dict | None, config: dict, bc_info: di
             "",
         ]
     lines.append(
-        machine_line(info) + f" 1-min load average {load[0]:.1f} before the runs"
-        + (" (other jobs were running, so wall times are noisy; env steps are not)." if load[0] > 0.5 else
+        machine_line(info) + f" 1-min load average {load_before:.1f} before the runs"
+        + (" (other jobs were running, so wall times are noisy; env steps are not)." if load_before > 0.5 else
            " (a quiet machine).")
     )
     return "\n".join(lines)
@@ -380,7 +380,7 @@ def markdown(results: list[dict], export: dict | None, config: dict, bc_info: di
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    load_start = os.getloadavg()[0]
+    load_before = os.getloadavg()[0]
     overrides = list(args.overrides) + ([f"trainer.iterations={args.iterations}"] if args.iterations else [])
     if args.checkpoint:
         overrides.append(f"policy.vla_config.model_path={args.checkpoint}")
@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     sidecar = Path(str(checkpoint) + ".json")
     bc_info = json.loads(sidecar.read_text()) if sidecar.is_file() else None
     if not args.no_write:
-        section = markdown(results, export, config, bc_info, machine(), (load_start, os.getloadavg()[0]))
+        section = markdown(results, export, config, bc_info, machine(), load_before)
         print(f"wrote the finetune section of {write_section('finetune', section)}")
     return 0
 

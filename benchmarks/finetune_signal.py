@@ -119,40 +119,33 @@ def make_collect(env: Any, policy: Any, num_envs: int, num_steps: int):
     return jax.jit(collect)
 
 
-def make_outcomes(env: Any, policy: Any, num_envs: int):
-    """Jitted `outcomes(variables, reset_key, noise_key, stochastic) -> (object touched [N] (-1: none), target [N])`.
+def make_outcomes(env: Any, policy: Any):
+    """Jitted `outcomes(variables, keys [E], stochastic) -> (object touched [E] (-1: none), target [E])`.
 
-    One episode per env from the same resets, acting on the Gaussian means or
-    on samples as PPO collects them. Which object an episode ends on is the
-    whole of what the instruction decides, so comparing the two on the same
-    scenes shows how often exploration noise changes that choice: the only
-    episodes from which a policy gradient can learn to pick another object.
+    One episode per key (`jaxrl_vla.tasks.demos.run_episodes`: the same
+    scene for the same key), acting on the Gaussian means or on samples as
+    PPO collects them. Which object an episode ends on is the whole of what
+    the instruction decides, so comparing the two on the same scenes shows how
+    often exploration noise changes that choice: the only episodes from which
+    a policy gradient can learn to pick another object.
     """
     import jax
     import jax.numpy as jnp
 
-    def outcomes(variables, reset_key, noise_key, stochastic):
-        state, obs = jax.vmap(env.reset)(jax.random.split(reset_key, num_envs))
-        touched = jnp.full((num_envs,), -1, jnp.int32)
-        done = jnp.zeros((num_envs,), bool)
+    from jaxrl_vla.tasks.demos import run_episodes
 
-        def step(carry, key):
-            state, obs, touched, done = carry
+    def outcomes(variables, keys, stochastic):
+        def act(state, obs, step_keys):
             dist, _ = policy.apply(variables, obs)
-            action = jnp.where(stochastic, dist.sample(key), dist.mean)
-            new_state, ts = jax.vmap(env.step)(state, action)
-            gap = jnp.linalg.norm(new_state.effector[:, None] - new_state.object_pos, axis=-1)
-            ended = ~done & ts.terminated
-            touched = jnp.where(ended, jnp.argmin(gap, axis=-1).astype(jnp.int32), touched)
-            done = done | ts.terminated | ts.truncated
-            keep = lambda new, old: jnp.where(done.reshape(done.shape + (1,) * (new.ndim - 1)), old, new)  # noqa: E731
-            state = jax.tree_util.tree_map(keep, new_state, state)
-            obs = jax.tree_util.tree_map(keep, ts.obs, obs)
-            return (state, obs, touched, done), None
+            noise = jax.vmap(lambda k: jax.random.normal(k, dist.mean.shape[1:], dist.mean.dtype))(step_keys)
+            action = dist.mean + stochastic * jnp.exp(dist.log_std) * noise
+            return action[:, None], action[:, None]
 
-        keys = jax.random.split(noise_key, int(env.max_episode_steps))
-        (state, _, touched, _), _ = jax.lax.scan(step, (state, obs, touched, done), keys)
-        return touched, state.target
+        records = run_episodes(env, act, keys)
+        final = records["final_state"]
+        terminated = (records["terminated"] & records["valid"]).any(axis=1)
+        gap = jnp.linalg.norm(final.effector[:, None] - final.object_pos, axis=-1)  # the env's touch rule
+        return jnp.where(terminated, jnp.argmin(gap, axis=-1), -1), final.target
 
     return jax.jit(outcomes)
 
@@ -160,12 +153,13 @@ def make_outcomes(env: Any, policy: Any, num_envs: int):
 def outcome_flips(env: Any, policy: Any, variables: Any, episodes: int, seed: int) -> dict:
     """How often the stochastic policy ends an episode on another object than the deterministic one."""
     import jax
-    import numpy as np
 
-    outcomes = make_outcomes(env, policy, episodes)
-    reset_key, noise_key = jax.random.split(jax.random.PRNGKey(seed))
-    det, target = jax.device_get(outcomes(variables, reset_key, noise_key, False))
-    sto, _ = jax.device_get(outcomes(variables, reset_key, noise_key, True))
+    from jaxrl_vla.tasks.demos import episode_keys
+
+    outcomes = make_outcomes(env, policy)
+    keys = episode_keys(seed, 0, episodes)
+    det, target = jax.device_get(outcomes(variables, keys, 0.0))
+    sto, _ = jax.device_get(outcomes(variables, keys, 1.0))
     det_ok, sto_ok = det == target, sto == target
     return {
         "episodes": episodes,
@@ -319,7 +313,7 @@ def markdown(rows: list[dict], info: dict, args: argparse.Namespace) -> str:
     lines += [
         "",
         f"Exploration and the choice of object ({f['episodes']:,} scenes, each run once on the policy's means and once "
-        f"with sampled actions, same noise seed across scenes): success {f['success_deterministic']:.1%} deterministic, "
+        f"with sampled actions): success {f['success_deterministic']:.1%} deterministic, "
         f"{f['success_stochastic']:.1%} stochastic; the sampled episode ended on another object (or none) than the "
         f"deterministic one in {f['outcome_changed']:.1%} of scenes. Of the deterministic failures, noise turned "
         f"{f['noise_rescues']:.1%} into successes; of the successes it spoiled {f['noise_spoils']:.1%}. Only episodes "

@@ -71,6 +71,8 @@ if str(REPO_ROOT) not in sys.path:  # `bridge` and `jaxrl_vla` from this checkou
     sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _report
 
+from jaxrl_vla.config import read_config_file  # noqa: E402
+
 MODEL_CLASS = "bridge.vla_models.gpt_vla.GPTVLAModel"
 # The weights do not depend on image_size; a small one keeps the twin's shape check cheap.
 CONVERT_CONFIG = {"vision_encoder": "resnet50", "language_model": "gpt2-medium", "image_size": 64}
@@ -85,10 +87,9 @@ PPO_SIZES: dict[str, dict[str, Any]] = {
     # minibatch step, minutes per update on 2 cores.
     "small": dict(vision_encoder="resnet18", vision_embedding_size=16, vision_hidden_sizes=(16, 32, 64, 128),
                   language_model="tiny", n_layer=4, n_embd=128, n_head=4, **_VLREACH),
-    # The model the fine-tuning example trains (configs/vla_example/train_config.json's model_config).
-    "example": dict(vision_encoder="tiny", vision_embedding_size=32, downsample_in_first_stage=True,
-                    vision_hidden_sizes=(32, 64, 64, 64), vision_depths=(1, 1, 1, 1), language_model="tiny",
-                    value_hidden_dim=64, init_log_std=-1.0, **_VLREACH),
+    # The model the fine-tuning example trains, read from its config so the two cannot drift apart.
+    "example": read_config_file(REPO_ROOT / "configs" / "vla_example" / "train_config.json")["policy"]["vla_config"][
+        "model_config"],
 }
 PPO_SAMPLES, PPO_MINIBATCH, PPO_EPOCHS = 256, 64, 2
 PPO_HPARAMS = dict(learning_rate=3e-4, clip_coef=0.2, ent_coef=0.01, vf_coef=1.0, max_grad_norm=0.5)

@@ -87,8 +87,8 @@ def run_episodes(env: Any, act: ActFn, keys: jax.Array, chunk: int = 1) -> dict[
     Returns arrays with axes [E, T, ...] (T = chunks x chunk >= the time
     limit): "obs" (the observation each action was taken from), "action"
     (label), "executed_action", "reward", "terminated", "truncated",
-    "success", "valid"; and "final_obs" [E, ...], the observation that ended
-    each episode.
+    "success", "valid"; and "final_obs" [E, ...] and "final_state" [E, ...],
+    the observation and env state that ended each episode.
     """
     split = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
     reset_keys, act_keys = split[:, 0], split[:, 1]
@@ -120,6 +120,7 @@ def run_episodes(env: Any, act: ActFn, keys: jax.Array, chunk: int = 1) -> dict[
     # [chunks, H, E, ...] -> [E, T, ...]
     records = jax.tree_util.tree_map(lambda x: jnp.moveaxis(x.reshape((-1,) + x.shape[2:]), 0, 1), records)
     records["final_obs"] = obs
+    records["final_state"] = state
     return records
 
 
