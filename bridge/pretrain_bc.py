@@ -458,7 +458,7 @@ def policy_rollouts(module: Any, variables: dict, env: Any, episodes: int, seed:
 
 
 def calibrate_critic(model: Any, rollouts: dict[str, np.ndarray], epochs: int, seed: int,
-                     batch: int = 256) -> dict[str, float]:
+                     batch: int = 256, gamma: float = GAMMA) -> dict[str, float]:
     """Fit the value head alone to the cloned policy's own Monte-Carlo returns; (MSE before, after).
 
     Why: the value head learnt from the expert's returns during BC, but PPO's
@@ -470,7 +470,7 @@ def calibrate_critic(model: Any, rollouts: dict[str, np.ndarray], epochs: int, s
     """
     import torch
 
-    returns = torch.from_numpy(discounted_returns(rollouts["reward"], rollouts["episode_id"], GAMMA))
+    returns = torch.from_numpy(discounted_returns(rollouts["reward"], rollouts["episode_id"], gamma))
     with torch.no_grad():
         features = torch.cat([model.features(to_torch({k: rollouts[k][i:i + 512] for k in OBS_KEYS}))
                               for i in range(0, len(returns), 512)])

@@ -8,6 +8,7 @@ at p = 1/4 and n = 256 is 0.027, so the +-0.08 bands are about 3 sigma.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import jax
@@ -231,6 +232,56 @@ def test_touching_another_object_terminates_with_failure():
     assert float(ts_penalised.reward) == pytest.approx(float(ts.reward) - 0.7, abs=1e-6)
 
 
+def shortest_path_around_disc(distance_to_centre: float, radius: float) -> float:
+    """Length of the shortest path between two points on opposite sides of a disc, both `distance_to_centre`
+    from its centre and in line with it: two tangent segments and the arc between them (plane geometry)."""
+    tangent = math.sqrt(distance_to_centre**2 - radius**2)
+    return 2 * tangent + radius * (math.pi - 2 * math.acos(radius / distance_to_centre))
+
+
+def test_path_progress_reward_measures_the_route_around_other_objects():
+    """progress_distance="path": the distance is the shortest route that keeps clear of the other objects.
+    Unblocked it is the straight line; with an object in the way it is the detour around that object's
+    keep-out disc (touch radius + the expert's 0.02 margin), within the 8-gon ring's overestimate."""
+    path_env = VLReach(num_objects=2, progress_distance="path")
+    line_env = VLReach(num_objects=2)
+    clear = path_env.state_from_layout([(0.8, 0.5), (0.5, 0.2)], [RED, BLUE], [SQUARE, CIRCLE], 0, (0.2, 0.5))
+    assert float(path_env.target_distance(clear)) == pytest.approx(0.6, abs=1e-5)
+    blocked = path_env.state_from_layout([(0.8, 0.5), (0.5, 0.5)], [RED, BLUE], [SQUARE, CIRCLE], 0, (0.2, 0.5))
+    detour = shortest_path_around_disc(0.3, path_env.touch_radius + 0.02)
+    assert detour > 0.65
+    assert detour <= float(path_env.target_distance(blocked)) <= 1.02 * detour
+    assert float(line_env.target_distance(blocked)) == pytest.approx(0.6, abs=1e-5)
+    # The expert's step around the blocker makes more path progress than the step straight at it.
+    at_blocker, around = jnp.array([1.0, 0.0]), path_env.expert_action(blocked)
+    assert abs(float(around[1])) > 0.3
+    path_step = jax.jit(path_env.step)
+    assert float(path_step(blocked, around)[1].reward) > float(path_step(blocked, at_blocker)[1].reward) + 0.005
+    with pytest.raises(ValueError, match="progress_distance"):
+        VLReach(progress_distance="geodesic")
+
+
+def test_path_progress_rewards_the_expert_step_best():
+    """Over random scenes, no step as long as the expert's, in 32 directions, makes more path progress than
+    the expert's (it follows the shortest path), while under the line reward some step beats it where the
+    path bends."""
+    env = VLReach(progress_distance="path", image_size=16)
+    line_env = VLReach(image_size=16)
+    angles = 2 * np.pi * np.arange(32) / 32
+    directions = jnp.asarray(np.stack([np.cos(angles), np.sin(angles)], -1), jnp.float32)
+
+    def rewards(env, state):
+        step = lambda a: env.step(state, a)[1].reward  # noqa: E731
+        expert = env.expert_action(state)
+        return step(expert), jax.vmap(step)(directions * jnp.linalg.norm(expert))  # the box clips a few
+
+    states, _ = jax.vmap(env.reset)(jax.random.split(jax.random.PRNGKey(3), 128))
+    expert, others = jax.device_get(jax.jit(jax.vmap(lambda s: rewards(env, s)))(states))
+    line_expert, line_others = jax.device_get(jax.jit(jax.vmap(lambda s: rewards(line_env, s)))(states))
+    assert (expert >= others.max(axis=1) - 1e-3).mean() >= 0.97  # measured 127/128
+    assert (line_expert < line_others.max(axis=1) - 5e-3).sum() >= 3  # measured 4/128 (few paths bend at reset)
+
+
 def test_time_limit_truncates_without_terminating():
     env = VLReach(num_objects=2, max_episode_steps=10)
     state = layout_env_state(env, effector=(0.1, 0.9), time=8)
@@ -347,6 +398,23 @@ def test_demos_do_not_depend_on_the_batch_size(tmp_path):
     for key in ("rgb", "action", "episode_id", "reward"):
         np.testing.assert_array_equal(c[key], d[key])
     np.testing.assert_array_equal(c["action"], c["executed_action"])  # no noise: executed = label
+
+
+def test_run_episodes_returns_the_state_that_ended_each_episode():
+    """records["final_state"] is the env state after each episode's last valid step: its observation is
+    records["final_obs"], and an expert episode that succeeded ends with the effector touching its target."""
+    from jaxrl_vla.tasks.demos import episode_keys, expert_act_fn, run_episodes
+
+    env = VLReach(image_size=16, max_episode_steps=25)
+    records = jax.jit(lambda keys: run_episodes(env, expert_act_fn(env), keys))(episode_keys(0, 0, 6))
+    final = records["final_state"]
+    observed = jax.vmap(env.observe)(final)
+    for key in observed:
+        np.testing.assert_array_equal(observed[key], records["final_obs"][key], err_msg=key)
+    success = np.asarray((records["success"] & records["valid"]).any(axis=1))
+    gap = np.linalg.norm(np.asarray(final.effector) - np.asarray(final.object_pos)[np.arange(6), final.target], axis=-1)
+    assert success.any()
+    assert (gap[success] < env.touch_radius).all()
 
 
 # ---------------------------------------------------------------- eval / video

@@ -43,10 +43,21 @@ Actions and dynamics
   leave them at 0. The effector stays on the table.
 
 Reward (per step)
-  progress_scale * (d_prev - d_new)    d = effector-to-target centre distance
+  progress_scale * (d_prev - d_new)    d = effector-to-target distance (below)
   - action_cost * sum(clip(a)^2)
   + success_bonus                      on touching the target
   - wrong_object_penalty               on touching another object (default 0)
+
+  d is, with progress_distance="euclidean" (default), the straight-line
+  distance to the target's centre; with "path", the length of the shortest
+  path there that keeps clear of every other object (the expert's visibility
+  graph, `plan_path`): the geodesic-distance reward of navigation tasks such
+  as Habitat's PointNav. Why offer it: a straight-line reward pays for
+  heading into an object that stands in the way (an episode-ending wrong
+  touch), so the per-step reward and the task disagree exactly where the
+  path bends; the path reward's best immediate step is the expert's, so even
+  a short-horizon learner (small gamma) is taught the whole route, and the
+  advantage of one step no longer waits on the noise of the steps after it.
 
   Why no wrong-object penalty by default: ending the episode already costs a
   wrong touch the success bonus it forgoes. A penalty as large as the bonus
@@ -87,7 +98,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -124,6 +135,7 @@ PROPRIO_DIM = 4
 _COLOUR_SLOT = -1  # placeholders in the template table
 _SHAPE_SLOT = -2
 MAX_OBJECTS = 6
+PROGRESS_DISTANCES = ("euclidean", "path")
 
 
 def tokenizer(max_length: int = 8) -> WordTokenizer:
@@ -358,7 +370,15 @@ def segments_clear(a: jax.Array, b: jax.Array, centres: jax.Array, blocking: jax
     return jnp.all((dx * dx + dy * dy >= radius * radius) | ~blocking, axis=-1)
 
 
-def plan_waypoint(
+class PathPlan(NamedTuple):
+    """What `plan_path` finds: where to head next, the node after it, and how far the goal is that way."""
+
+    waypoint: jax.Array  # [2]
+    following: jax.Array  # [2] the node after the waypoint (the goal when the waypoint is the goal)
+    length: jax.Array  # scalar: path length from the effector to the goal (Euclidean when no path exists)
+
+
+def plan_path(
     effector: jax.Array,
     goal: jax.Array,
     obstacles: jax.Array,
@@ -367,8 +387,8 @@ def plan_waypoint(
     bounds: tuple[float, float],
     margin: float = 0.02,
     ring: int = 8,
-) -> tuple[jax.Array, jax.Array]:
-    """The next point [2] on a shortest collision-free path from the effector to `goal`, and the one after it.
+) -> PathPlan:
+    """A shortest collision-free path from the effector to `goal`: its next point, the one after it, its length.
 
     A visibility graph, rebuilt every call so the expert stays a pure function
     of the state: its nodes are the goal and `ring` points around every
@@ -379,8 +399,9 @@ def plan_waypoint(
     Neighbouring obstacles' keep-out discs can overlap into walls, which
     potential fields get stuck on and this graph routes around; gaps too narrow
     for the margin are not used, so a step never has to thread a needle.
-    Falls back to the goal itself when no path exists (a target or an
-    effector walled in by other objects and the table edge: rare).
+    Falls back to the goal itself, at its straight-line distance, when no
+    path exists (a target or an effector walled in by other objects and the
+    table edge: rare).
     """
     ring_radius = (touch_radius + margin) / math.cos(math.pi / ring)
     angles = 2 * math.pi * np.arange(ring) / ring
@@ -410,7 +431,26 @@ def plan_waypoint(
     best = jnp.argmin(total)
     after = jnp.argmin(weight[best] + to_goal)  # the node after the waypoint (the goal: itself)
     found = jnp.isfinite(total[best])
-    return jnp.where(found, nodes[best], goal), jnp.where(found & (best != 0), nodes[after], goal)
+    return PathPlan(
+        waypoint=jnp.where(found, nodes[best], goal),
+        following=jnp.where(found & (best != 0), nodes[after], goal),
+        length=jnp.where(found, total[best], jnp.linalg.norm(goal - effector)),
+    )
+
+
+def plan_waypoint(
+    effector: jax.Array,
+    goal: jax.Array,
+    obstacles: jax.Array,
+    blocking: jax.Array,
+    touch_radius: float,
+    bounds: tuple[float, float],
+    margin: float = 0.02,
+    ring: int = 8,
+) -> tuple[jax.Array, jax.Array]:
+    """The next point [2] on `plan_path`'s shortest path to `goal`, and the one after it."""
+    plan = plan_path(effector, goal, obstacles, blocking, touch_radius, bounds, margin, ring)
+    return plan.waypoint, plan.following
 
 
 def goal_velocity(
@@ -469,6 +509,7 @@ class VLReach:
         action_cost: float = 0.01,
         success_bonus: float = 1.0,
         wrong_object_penalty: float = 0.0,
+        progress_distance: str = "euclidean",
         templates: Sequence[str] | None = None,
     ):
         if not 2 <= num_objects <= MAX_OBJECTS:
@@ -479,6 +520,8 @@ class VLReach:
             raise ValueError(f"action_dim must be >= 2 (planar velocity), got {action_dim}")
         if max_episode_steps < 1:
             raise ValueError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
+        if progress_distance not in PROGRESS_DISTANCES:
+            raise ValueError(f"progress_distance must be one of {PROGRESS_DISTANCES}, got {progress_distance!r}")
         if max_speed <= 0:
             raise ValueError(f"max_speed must be > 0, got {max_speed}")
         cell_half = 0.5 / GRID_CELLS
@@ -503,6 +546,7 @@ class VLReach:
         self.action_cost = float(action_cost)
         self.success_bonus = float(success_bonus)
         self.wrong_object_penalty = float(wrong_object_penalty)
+        self.progress_distance = str(progress_distance)
         self.templates = tuple(TEMPLATES if templates is None else templates)
         self._template_ids, self._template_mask = compile_templates(self.templates, self.instruction_length)
 
@@ -514,7 +558,8 @@ class VLReach:
             use_depth=self.use_depth, max_speed=self.max_speed, object_radius=self.object_radius,
             effector_radius=self.effector_radius, layout_jitter=self.layout_jitter,
             progress_scale=self.progress_scale, action_cost=self.action_cost, success_bonus=self.success_bonus,
-            wrong_object_penalty=self.wrong_object_penalty, templates=list(self.templates),
+            wrong_object_penalty=self.wrong_object_penalty, progress_distance=self.progress_distance,
+            templates=list(self.templates),
         )
 
     def _config(self) -> tuple:
@@ -598,14 +643,13 @@ class VLReach:
         effector = jnp.clip(state.effector + self.max_speed * velocity, lo, hi)
         new = state.replace(effector=effector, velocity=velocity, time=state.time + 1)
 
-        d_prev = jnp.linalg.norm(state.effector - state.object_pos[state.target])
         dists = jnp.linalg.norm(effector[None, :] - state.object_pos, axis=-1)
         nearest = jnp.argmin(dists)
         touching = dists[nearest] < self.touch_radius
         success = touching & (nearest == state.target)
         wrong = touching & (nearest != state.target)
         reward = (
-            self.progress_scale * (d_prev - dists[state.target])
+            self.progress_scale * (self.target_distance(state) - self.target_distance(new))
             - self.action_cost * jnp.sum(action * action)
             + self.success_bonus * success
             - self.wrong_object_penalty * wrong
@@ -615,6 +659,15 @@ class VLReach:
         return new, TimeStep(self.observe(new), reward, touching, truncated, info)
 
     # ------------------------------------------------------------------ expert & helpers
+
+    def target_distance(self, state: VLReachState) -> jax.Array:
+        """The effector's distance to the target that the progress reward measures (`progress_distance`)."""
+        target = state.object_pos[state.target]
+        if self.progress_distance == "euclidean":
+            return jnp.linalg.norm(state.effector - target)
+        blocking = jnp.arange(self.num_objects) != state.target
+        bounds = (self.effector_radius, 1.0 - self.effector_radius)
+        return plan_path(state.effector, target, state.object_pos, blocking, self.touch_radius, bounds).length
 
     def expert_action(self, state: VLReachState, goal: jax.Array | None = None) -> jax.Array:
         """Privileged scripted action [action_dim] toward the target (or object `goal`); extra dims 0."""
