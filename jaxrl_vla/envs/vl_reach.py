@@ -438,21 +438,6 @@ def plan_path(
     )
 
 
-def plan_waypoint(
-    effector: jax.Array,
-    goal: jax.Array,
-    obstacles: jax.Array,
-    blocking: jax.Array,
-    touch_radius: float,
-    bounds: tuple[float, float],
-    margin: float = 0.02,
-    ring: int = 8,
-) -> tuple[jax.Array, jax.Array]:
-    """The next point [2] on `plan_path`'s shortest path to `goal`, and the one after it."""
-    plan = plan_path(effector, goal, obstacles, blocking, touch_radius, bounds, margin, ring)
-    return plan.waypoint, plan.following
-
-
 def goal_velocity(
     state: VLReachState,
     goal: jax.Array,
@@ -463,7 +448,7 @@ def goal_velocity(
 ) -> jax.Array:
     """The [2] velocity command in [-1, 1] toward object `goal` around every other object.
 
-    Full speed toward the next waypoint of `plan_waypoint`. The step is cut
+    Full speed toward the next waypoint of `plan_path`. The step is cut
     short at the waypoint when running past it would come too close to an
     obstacle or lose sight of the node after it (the path would then turn
     back); otherwise it runs past, so paths stay tight without wasting steps.
@@ -471,7 +456,7 @@ def goal_velocity(
     k = state.object_pos.shape[0]
     blocking = jnp.arange(k) != goal
     target = state.object_pos[goal]
-    waypoint, following = plan_waypoint(state.effector, target, state.object_pos, blocking, touch_radius, bounds, margin)
+    waypoint, following, _ = plan_path(state.effector, target, state.object_pos, blocking, touch_radius, bounds, margin)
     delta = waypoint - state.effector
     full = delta / jnp.maximum(jnp.max(jnp.abs(delta)), 1e-6)  # L-inf unit: full speed
     lo, hi = bounds
