@@ -577,6 +577,11 @@ class VLReach:
         return Box(-1.0, 1.0, (self.action_dim,), jnp.float32)
 
     @property
+    def effector_bounds(self) -> tuple[float, float]:
+        """(lo, hi) of the effector centre on each axis: it stays on the table. Dynamics, expert and path share it."""
+        return self.effector_radius, 1.0 - self.effector_radius
+
+    @property
     def max_episode_steps(self) -> int:
         return self._max_episode_steps
 
@@ -624,7 +629,7 @@ class VLReach:
         """Move the effector by the commanded velocity; reward, touch and time limit."""
         action = jnp.clip(jnp.asarray(action, jnp.float32).reshape(self.action_dim), -1.0, 1.0)
         velocity = action[:2]
-        lo, hi = self.effector_radius, 1.0 - self.effector_radius
+        lo, hi = self.effector_bounds
         effector = jnp.clip(state.effector + self.max_speed * velocity, lo, hi)
         new = state.replace(effector=effector, velocity=velocity, time=state.time + 1)
 
@@ -651,14 +656,13 @@ class VLReach:
         if self.progress_distance == "euclidean":
             return jnp.linalg.norm(state.effector - target)
         blocking = jnp.arange(self.num_objects) != state.target
-        bounds = (self.effector_radius, 1.0 - self.effector_radius)
-        return plan_path(state.effector, target, state.object_pos, blocking, self.touch_radius, bounds).length
+        return plan_path(state.effector, target, state.object_pos, blocking, self.touch_radius,
+                         self.effector_bounds).length
 
     def expert_action(self, state: VLReachState, goal: jax.Array | None = None) -> jax.Array:
         """Privileged scripted action [action_dim] toward the target (or object `goal`); extra dims 0."""
         goal = state.target if goal is None else goal
-        bounds = (self.effector_radius, 1.0 - self.effector_radius)
-        velocity = goal_velocity(state, goal, self.touch_radius, self.max_speed, bounds)
+        velocity = goal_velocity(state, goal, self.touch_radius, self.max_speed, self.effector_bounds)
         return jnp.zeros((self.action_dim,), jnp.float32).at[:2].set(velocity)
 
     def language(self, state: VLReachState) -> tuple[jax.Array, jax.Array]:
