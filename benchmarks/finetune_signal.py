@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", type=Path, default=CONFIG, help="the fine-tuning config (policy, env, PPO settings)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
-    p.add_argument("--lambdas", default="0.95,0.5", help="GAE lambdas to compare (comma-separated)")
+    p.add_argument("--lambdas", default="0.8,0.95", help="GAE lambdas to compare (comma-separated; the config uses 0.8)")
     p.add_argument("--sizes", default="256,1024,8192", help="batch sizes (comma-separated; each divides envs x steps)")
     p.add_argument("--batches", type=int, default=3, help="independent rollouts of --envs x --steps samples")
     p.add_argument("--envs", type=int, default=256)
@@ -284,6 +284,8 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], dict]:
     info["seconds"] = time.perf_counter() - t0
     info["config"] = str(args.config.relative_to(REPO) if args.config.is_relative_to(REPO) else args.config)
     info["checkpoint"] = cfg["policy"].get("vla_config", {}).get("model_path")
+    info["gamma"] = algo.gamma
+    info["progress_distance"] = cfg["env"].get("progress_distance", "euclidean")
     return rows_out, info
 
 
@@ -295,7 +297,8 @@ def markdown(rows: list[dict], info: dict, args: argparse.Namespace) -> str:
         f"What one PPO batch teaches the pretrained VLA ({info['checkpoint']}, {info['config']}): on-policy data "
         f"from its stochastic policy ({args.batches} rollouts of {args.envs} envs x {args.steps} steps, "
         f"{info['episodes']:.0f} episodes, success {info['success_rate_stochastic']:.1%}), every state labelled by "
-        "the scripted expert. alignment = cosine between a batch's gradient and the expert-BC gradient pooled over "
+        f"the scripted expert. Reward: VLReach's progress_distance \"{info['progress_distance']}\", gamma "
+        f"{info['gamma']}. alignment = cosine between a batch's gradient and the expert-BC gradient pooled over "
         "all samples (PPO: policy loss with normalised GAE advantages; BC: action-mean MSE to the expert, the "
         "supervised signal at the same size); consistency = cosine between the PPO gradients of disjoint batches. "
         "Produced by `python benchmarks/finetune_signal.py`.",

@@ -61,8 +61,12 @@ import numpy as np
 ENV_ID = "VLReach-v0"
 # The env the checkpoint is made for (VLReach's defaults, spelled out so that a change of default
 # there cannot silently change what this script trains on). The example configs use the same.
+# progress_distance="path": the shaped reward measures progress along the route that keeps clear of
+# the other objects, so it rewards the detour the expert takes instead of punishing it (with the
+# straight-line distance a PPO minibatch's gradient pointed 4-5x less well at the expert's direction:
+# BENCHMARKS.md#finetune_signal).
 ENV_KWARGS: dict[str, Any] = {"num_objects": 4, "image_size": 64, "action_dim": 2, "max_episode_steps": 50,
-                              "wrong_object_penalty": 0.0}
+                              "wrong_object_penalty": 0.0, "progress_distance": "path"}
 MODEL_CLASS = "bridge.vla_models.GPTVLAModel"
 # A tiny GPTVLAModel for 64x64 images. The ResNet (stem 64 -> 16 px, then stages at 8 and 4 px) keeps
 # its 4x4 feature map as 16 spatial image tokens, one per cell of VLReach's 4x4 layout grid, so the
@@ -94,7 +98,10 @@ OBS_KEYS = ("rgb", "proprio", "language", "language_mask")
 # and the target's image and instruction are ignored ("copycat" behaviour). BC therefore trains with
 # the velocity entries zeroed and saves their input weights as 0; PPO is free to learn to use them.
 PROPRIO_POSITION_DIMS = 2
-GAMMA = 0.99  # discount of the value targets (the example configs' algorithm.cfg.gamma)
+# Discount of the value targets: the example configs' algorithm.cfg.gamma (a test checks they agree),
+# so the critic PPO starts from is calibrated to the returns it will be trained on. Short (0.5) because
+# the path reward already scores every step's progress; a long horizon only adds other steps' noise.
+GAMMA = 0.5
 
 
 # ---------------------------------------------------------------------------- environment & demos

@@ -96,8 +96,15 @@ def test_example_configs_match_the_bc_model():
         raw = read_config_file(EXAMPLE / name)
         assert raw["policy"]["vla_config"]["model_config"] == pretrain_bc.MODEL_CONFIG, name
         assert {k: raw["env"][k] for k in pretrain_bc.ENV_KWARGS} == pretrain_bc.ENV_KWARGS, name
+        assert raw["algorithm"]["cfg"]["gamma"] == pretrain_bc.GAMMA, name  # the BC critic's discount
     assert read_config_file(EXAMPLE / "train_config_async.json")["trainer"]["buffer_type"] == "vla"
-    assert read_config_file(EXAMPLE / "scratch_config.json")["policy"]["vla_config"]["model_path"] is None
+    scratch, pretrained = read_config_file(EXAMPLE / "scratch_config.json"), read_config_file(EXAMPLE / "train_config.json")
+    assert scratch["policy"]["vla_config"]["model_path"] is None
+    # the twin differs only where it must: its name, no checkpoint, nothing frozen
+    assert scratch["algorithm"] == pretrained["algorithm"] and scratch["env"] == pretrained["env"]
+    assert {k: v for k, v in scratch["trainer"].items() if k != "exp_name"} == \
+        {k: v for k, v in pretrained["trainer"].items() if k != "exp_name"}
+    assert scratch["policy"]["freeze"] == [] and pretrained["policy"]["freeze"] == ["vision"]
     make = read_config_file(EXAMPLE / "train_config.json")["policy"]["vla_config"]["make_checkpoint"]
     assert make.startswith("python -m bridge.pretrain_bc --out checkpoints/vl_reach_bc.safetensors")
 
