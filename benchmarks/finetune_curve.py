@@ -350,7 +350,7 @@ def markdown(results: list[dict], export: dict | None, config: dict, bc_info: di
         f"instruction). {t['num_envs']} envs x {t['buffer_size']} steps per iteration, {a['n_epochs']} epochs of "
         f"minibatches of {a['batch_size']}, Adam {a['learning_rate']} ({a['lr_schedule']}), target_kl {a['target_kl']}, "
         f"gamma {a['gamma']}, GAE lambda {a['gae_lambda']}, reward progress_distance "
-        f"\"{config['env'].get('progress_distance', 'euclidean')}\"; frozen in the pretrained run: "
+        f"\"{config['env']['progress_distance']}\"; frozen in the pretrained run: "
         f"{', '.join(config['policy'].get('freeze', [])) or 'nothing'}. "
         f"Evaluation: {t['num_eval_episodes']} deterministic episodes every {t['eval_freq']} iterations (the same episodes "
         "each time); step 0 is the starting policy on those episodes. Wall time counts from the start of the training "

@@ -285,7 +285,7 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], dict]:
     info["config"] = str(args.config.relative_to(REPO) if args.config.is_relative_to(REPO) else args.config)
     info["checkpoint"] = cfg["policy"].get("vla_config", {}).get("model_path")
     info["gamma"] = algo.gamma
-    info["progress_distance"] = cfg["env"].get("progress_distance", "euclidean")
+    info["progress_distance"] = env.progress_distance  # as the env resolved it (its default when unset)
     return rows_out, info
 
 

@@ -63,8 +63,8 @@ ENV_ID = "VLReach-v0"
 # there cannot silently change what this script trains on). The example configs use the same.
 # progress_distance="path": the shaped reward measures progress along the route that keeps clear of
 # the other objects, so it rewards the detour the expert takes instead of punishing it (with the
-# straight-line distance a PPO minibatch's gradient pointed 4-5x less well at the expert's direction:
-# BENCHMARKS.md#finetune_signal).
+# straight-line distance and gamma 0.99, a 256-sample PPO minibatch's gradient pointed ~5x less well
+# at the expert's direction: benchmarks/finetune_signal.py, README "The fine-tuning example").
 ENV_KWARGS: dict[str, Any] = {"num_objects": 4, "image_size": 64, "action_dim": 2, "max_episode_steps": 50,
                               "wrong_object_penalty": 0.0, "progress_distance": "path"}
 MODEL_CLASS = "bridge.vla_models.GPTVLAModel"

@@ -90,6 +90,10 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
             np.testing.assert_array_equal(fa.get_tensor(key), fb.get_tensor(key), err_msg=key)
 
 
+def without(mapping: dict, *keys: str) -> dict:
+    return {k: v for k, v in mapping.items() if k not in keys}
+
+
 def test_example_configs_match_the_bc_model():
     """The configs must describe exactly the model the BC script saves, or loading would fail."""
     for name in ("train_config.json", "train_config_async.json", "scratch_config.json"):
@@ -97,15 +101,21 @@ def test_example_configs_match_the_bc_model():
         assert raw["policy"]["vla_config"]["model_config"] == pretrain_bc.MODEL_CONFIG, name
         assert {k: raw["env"][k] for k in pretrain_bc.ENV_KWARGS} == pretrain_bc.ENV_KWARGS, name
         assert raw["algorithm"]["cfg"]["gamma"] == pretrain_bc.GAMMA, name  # the BC critic's discount
-    assert read_config_file(EXAMPLE / "train_config_async.json")["trainer"]["buffer_type"] == "vla"
-    scratch, pretrained = read_config_file(EXAMPLE / "scratch_config.json"), read_config_file(EXAMPLE / "train_config.json")
+    pretrained = read_config_file(EXAMPLE / "train_config.json")
+    scratch, vla_mode = read_config_file(EXAMPLE / "scratch_config.json"), read_config_file(EXAMPLE / "train_config_async.json")
+    assert vla_mode["trainer"]["buffer_type"] == "vla"
     assert scratch["policy"]["vla_config"]["model_path"] is None
-    # the twin differs only where it must: its name, no checkpoint, nothing frozen
+    # each twin differs from train_config.json only where it must
     assert scratch["algorithm"] == pretrained["algorithm"] and scratch["env"] == pretrained["env"]
-    assert {k: v for k, v in scratch["trainer"].items() if k != "exp_name"} == \
-        {k: v for k, v in pretrained["trainer"].items() if k != "exp_name"}
-    assert scratch["policy"]["freeze"] == [] and pretrained["policy"]["freeze"] == ["vision"]
-    make = read_config_file(EXAMPLE / "train_config.json")["policy"]["vla_config"]["make_checkpoint"]
+    assert without(scratch["trainer"], "exp_name") == without(pretrained["trainer"], "exp_name")
+    assert scratch["policy"]["freeze"] == [] and pretrained["policy"]["freeze"] == ["vision"]  # no checkpoint, nothing frozen
+    assert vla_mode["algorithm"] == pretrained["algorithm"] and vla_mode["env"] == pretrained["env"]
+    assert vla_mode["policy"] == pretrained["policy"]
+    vla_only = ("exp_name", "buffer_type", "buffer_size", "num_collectors")
+    assert without(vla_mode["trainer"], *vla_only) == without(pretrained["trainer"], *vla_only)
+    # the circular buffer holds one standard-mode rollout
+    assert vla_mode["trainer"]["buffer_size"] == pretrained["trainer"]["num_envs"] * pretrained["trainer"]["buffer_size"]
+    make = pretrained["policy"]["vla_config"]["make_checkpoint"]
     assert make.startswith("python -m bridge.pretrain_bc --out checkpoints/vl_reach_bc.safetensors")
 
 
