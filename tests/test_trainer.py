@@ -56,12 +56,18 @@ def test_cartpole_learns_and_writes_outputs(tmp_path):
 
 
 def test_pendulum_continuous_actions_improve(tmp_path):
-    cfg = PPOConfig(learning_rate=1e-3, n_epochs=10, batch_size=512, gamma=0.9, ent_coef=0.0)
-    trainer = make_trainer(tmp_path, env_name="Pendulum-v1", buffer_size=256, num_envs=16, iterations=24,
-                           normalize_observations=True, algorithm=cfg)
+    """configs/pendulum.json's PPO settings (gamma 0.95, 64x64 MLP) for 131k steps: seeds 0-3 gain 500-625 here.
+
+    The earlier budget (gamma 0.9, 32x32, 98k steps) gained ~140-190 and fell under its threshold on
+    another CPU model: float rounding differs between CPUs, so a learning test needs a wide margin.
+    """
+    env = make_env("Pendulum-v1")
+    cfg = PPOConfig(learning_rate=1e-3, n_epochs=10, batch_size=512, gamma=0.95, ent_coef=0.0)
+    trainer = Trainer(ActorCritic(env.action_space, (64, 64)), env, cfg, buffer_size=256, num_envs=16, iterations=32,
+                      normalize_observations=True, output_dir=tmp_path, exp_name="t", eval_freq=0, progress=False)
     trainer.train()
     returns = [r["episode_return_mean"] for r in read_metrics(trainer.run_dir) if "episode_return_mean" in r]
-    assert np.mean(returns[-3:]) > np.mean(returns[:3]) + 150  # random: about -1200
+    assert np.mean(returns[-3:]) > np.mean(returns[:3]) + 300  # random: about -1200
 
 
 def test_resume_ends_with_the_same_parameters(tmp_path):

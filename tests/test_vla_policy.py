@@ -9,7 +9,10 @@ from flax import traverse_util
 from jaxrl_vla.algo import ppo
 from jaxrl_vla.config import ConfigError
 from jaxrl_vla.envs.base import Box
-from jaxrl_vla.models.vla_policy import build_vla_policy, unwrap_variables
+from jaxrl_vla.models.actor_critic import ActorCritic
+from jaxrl_vla.models.vla import IMAGE_FEATURES_KEY
+from jaxrl_vla.models.vla_policy import build_vla_policy, frozen_vision_encoder, unwrap_variables
+from jaxrl_vla.training.rollout import make_rollout_fn
 from jaxrl_vla.types import Batch
 
 TINY = {
@@ -150,3 +153,70 @@ def test_loading_a_torch_checkpoint_gives_owned_copies_of_its_weights(tmp_path):
     with torch.no_grad():
         torch_mean = model.forward({k: torch.from_numpy(np.array(v)) for k, v in o.items()}).numpy()
     np.testing.assert_allclose(np.asarray(policy.apply(params, o)[0].mean), torch_mean, atol=1e-4)
+
+
+def test_frozen_vision_encoder_is_offered_only_when_the_whole_encoder_is_frozen():
+    _, params, _ = build_vla_policy(policy_cfg(), FakeEnv())
+    first_stage = next(k for k in params["params"]["model"]["vision"])
+    offered = {}
+    for freeze in ([], ["vision"], [f"vision/{first_stage}"], ["language"]):
+        policy, _, mask = build_vla_policy(policy_cfg(freeze=freeze), FakeEnv())
+        offered[tuple(freeze)] = frozen_vision_encoder(policy, mask) is not None
+    assert offered == {(): False, ("vision",): True, (f"vision/{first_stage}",): False, ("language",): False}
+    assert frozen_vision_encoder(ActorCritic(FakeEnv.action_space, (8,)), None) is None
+
+
+@pytest.mark.parametrize("image_tokens", ["spatial", "pooled"])
+def test_cached_image_features_give_the_policy_outputs_of_the_pixels(image_tokens):
+    cfg = policy_cfg(freeze=["vision"])
+    cfg["vla_config"]["model_config"]["image_tokens"] = image_tokens
+    policy, params, mask = build_vla_policy(cfg, FakeEnv())
+    o = obs(6)
+    cached = frozen_vision_encoder(policy, mask)(params, o)
+    assert IMAGE_FEATURES_KEY in cached and "rgb" not in cached
+    assert cached[IMAGE_FEATURES_KEY].shape[:2] == (6, policy.model.config.num_image_tokens)
+    (dist, value), (dist_c, value_c) = policy.apply(params, o), policy.apply(params, cached)
+    np.testing.assert_allclose(np.asarray(dist_c.mean), np.asarray(dist.mean), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(value_c), np.asarray(value), atol=1e-6)
+
+
+def test_trainer_with_frozen_vision_learns_the_same_from_cached_features(tmp_path, monkeypatch):
+    """The Trainer stores the frozen ResNet's features in the rollout; PPO's result is that of the pixels."""
+    from jaxrl_vla.build import build_trainer
+    from jaxrl_vla.config import load_config
+    from jaxrl_vla.training import trainer as trainer_module
+
+    overrides = [
+        "trainer.num_envs=4", "trainer.buffer_size=4", "trainer.iterations=2", "trainer.eval_freq=0",
+        "trainer.save_freq=0", "algorithm.cfg.batch_size=8", "algorithm.cfg.n_epochs=2", 'policy.freeze=["vision"]',
+        "policy.vla_config.model_config.vision_embedding_size=8", "policy.vla_config.model_config.vision_hidden_sizes=[8, 8]",
+        "policy.vla_config.model_config.n_layer=1", f"trainer.output_dir={tmp_path}",
+    ]
+    cfg = load_config("configs/vla_example/scratch_config.json", overrides)
+    encoders = []
+    real = trainer_module.frozen_vision_encoder
+
+    def recording(policy, mask):
+        encoders.append(real(policy, mask))
+        return encoders[-1]
+
+    monkeypatch.setattr(trainer_module, "frozen_vision_encoder", recording)
+    cached = build_trainer(cfg)
+    initial = jax.tree_util.tree_map(np.asarray, cached.init_params)
+    cached.train()
+    monkeypatch.setattr(trainer_module, "frozen_vision_encoder", lambda policy, mask: None)
+    pixels = build_trainer(cfg)
+    pixels.train()
+    assert len(encoders) == 1 and encoders[0] is not None
+    got, want = traverse_util.flatten_dict(cached.state.params, sep="/"), traverse_util.flatten_dict(pixels.state.params, sep="/")
+    moved = [k for k in want if not np.array_equal(np.asarray(want[k]), traverse_util.flatten_dict(initial, sep="/")[k])]
+    assert any(k.startswith("params/model/language/") for k in moved)
+    assert not any(k.startswith("params/model/vision/") for k in moved)
+    for k in want:
+        np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), atol=1e-5, err_msg=k)
+    # what the rollout stores with that encoder: the features, not the pixels
+    rollout = make_rollout_fn(cached.policy.apply, cached.vec_env, 2, 1, encoders[0])
+    s = cached.state
+    transitions = jax.jit(rollout)(s.params, None, s.env_state, s.obs, jax.random.PRNGKey(0), s.iteration)[2]
+    assert IMAGE_FEATURES_KEY in transitions.obs and "rgb" not in transitions.obs
+    assert transitions.obs[IMAGE_FEATURES_KEY].shape[:2] == (2, 4)

@@ -17,7 +17,7 @@ and both modes use it exactly like ActorCritic.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +43,32 @@ class VLAPolicy(nn.Module):
         if dist.mean.ndim == 3:  # a chunk [B, H, A]: one value per chunk step
             value = jnp.broadcast_to(value[:, None], dist.mean.shape[:2])
         return dist, value
+
+    def with_image_features(self, obs: Any) -> Any:
+        """`obs` with the pixels replaced by the vision encoder's output (see `frozen_vision_encoder`)."""
+        return self.model.with_image_features(obs)
+
+
+def frozen_vision_encoder(policy: nn.Module, mask: Any) -> Callable[[Any, Any], Any] | None:
+    """`encode(variables, obs) -> obs` that precomputes the image features, or None.
+
+    Given when `policy` is a VLAPolicy whose model offers `with_image_features`
+    and whose `vision` parameters are all frozen in `mask` (its BatchNorm
+    statistics are never trained): the features of a collected observation
+    are then a constant that every epoch of the update can reuse, so the
+    rollout stores them instead of the pixels. None otherwise, and without a
+    mask (everything trains).
+    """
+    if not isinstance(policy, VLAPolicy) or not hasattr(policy.model, "with_image_features") or mask is None:
+        return None
+    vision = mask.get("params", {}).get(MODEL, {}).get("vision")
+    if vision is None or any(jax.tree_util.tree_leaves(vision)):
+        return None
+
+    def encode(variables: Any, obs: Any) -> Any:
+        return policy.apply(variables, obs, method=VLAPolicy.with_image_features)
+
+    return encode
 
 
 def wrap_variables(model_variables: dict) -> dict:

@@ -19,6 +19,8 @@ from jaxrl_vla.training.acting import ApplyFn, act_chunk, state_value, value_whe
 from jaxrl_vla.training.normalizer import RunningStats
 from jaxrl_vla.types import Transition
 
+ObsEncoder = Callable[[Any, Any], Any]  # (params, obs) -> obs the policy also accepts
+
 
 @struct.dataclass
 class EpisodeStats:
@@ -46,19 +48,26 @@ def _add_stats(a: EpisodeStats, b: EpisodeStats) -> EpisodeStats:
 
 
 def make_rollout_fn(
-    apply_fn: ApplyFn, vec_env: VecEnv, num_steps: int, chunk: int = 1
+    apply_fn: ApplyFn, vec_env: VecEnv, num_steps: int, chunk: int = 1, obs_encoder: ObsEncoder | None = None
 ) -> Callable[..., tuple[VecEnvState, Any, Transition, jax.Array, EpisodeStats]]:
     """Build `rollout(params, obs_stats, env_state, obs, key, version)`.
 
     Returns (env_state, obs, transitions [T, N], last_value [N], EpisodeStats).
     Pure and traceable: the Trainer jits it inside the whole iteration.
+
+    `obs_encoder(params, obs)`: the part of the policy that training does not
+    change (a frozen vision encoder, `frozen_vision_encoder`), run once per
+    collected observation; the policy acts on its output and the transitions
+    store it, so the update's epochs reuse it. Only for raw observations
+    (no running normalisation). The returned `obs` stays the env's.
     """
     if num_steps % chunk:
         raise ValueError(f"trainer.buffer_size ({num_steps}) must be a multiple of policy.action_chunk ({chunk})")
 
     def rollout(params, obs_stats: RunningStats | None, env_state, obs, key, version):
         def run_chunk(carry, chunk_key):
-            env_state, chunk_obs = carry
+            env_state, env_obs = carry
+            chunk_obs = env_obs if obs_encoder is None else obs_encoder(params, env_obs)
             actions, log_probs, values = act_chunk(apply_fn, params, obs_stats, chunk_obs, chunk_key)
 
             def env_step(inner, j):
@@ -78,7 +87,7 @@ def make_rollout_fn(
                 )
                 return (env_state, ts.obs), (transition, episode_stats(ts.info))
 
-            return jax.lax.scan(env_step, (env_state, chunk_obs), jnp.arange(actions.shape[1]))
+            return jax.lax.scan(env_step, (env_state, env_obs), jnp.arange(actions.shape[1]))
 
         keys = jax.random.split(key, num_steps // chunk)
         (env_state, obs), (transitions, stats) = jax.lax.scan(run_chunk, (env_state, obs), keys)

@@ -36,6 +36,7 @@ from jaxrl_vla.config import check_iterations_per_call
 from jaxrl_vla.envs.base import Env
 from jaxrl_vla.envs.wrappers import VecEnv
 from jaxrl_vla.models.policy import action_chunk_size, zeros_like_obs
+from jaxrl_vla.models.vla_policy import frozen_vision_encoder
 from jaxrl_vla.training import sharding
 from jaxrl_vla.training.checkpoint import Checkpointer
 from jaxrl_vla.training.learner import TrainState, initial_train_state, make_learn_fn
@@ -261,7 +262,9 @@ class Trainer:
         total_grad_steps = total_iterations * self.cfg.n_epochs * num_minibatches
         self.optimizer = ppo.make_optimizer(self.cfg, total_grad_steps, self.trainable_mask)
         apply_fn = self.policy.apply
-        rollout = make_rollout_fn(apply_fn, self.vec_env, self.buffer_size, self.chunk)
+        # a frozen vision encoder runs once per collected sample, not once per epoch (raw obs only)
+        obs_encoder = None if self.normalize_observations else frozen_vision_encoder(self.policy, self.trainable_mask)
+        rollout = make_rollout_fn(apply_fn, self.vec_env, self.buffer_size, self.chunk, obs_encoder)
         learn = make_learn_fn(apply_fn, self.optimizer, self.cfg, self.trainable_mask, self.minibatch_sharding)
 
         def iteration(state: TrainState) -> tuple[TrainState, jax.Array, jax.Array]:

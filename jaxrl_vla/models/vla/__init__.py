@@ -6,6 +6,7 @@ imports torch.
 
 from jaxrl_vla.models.vla.gpt2 import GPT2_PRESETS, GPT2Config, GPT2Model, gelu_new, gpt2_config
 from jaxrl_vla.models.vla.gpt_vla import (
+    IMAGE_FEATURES_KEY,
     GPTVLAModel,
     VLAConfigError,
     VLAModelConfig,
@@ -16,6 +17,7 @@ from jaxrl_vla.models.vla.gpt_vla import (
 from jaxrl_vla.models.vla.resnet import RESNET_PRESETS, ResNetConfig, ResNetModel, resnet_config
 
 __all__ = [
+    "IMAGE_FEATURES_KEY",
     "GPT2Config",
     "GPT2Model",
     "GPT2_PRESETS",

@@ -39,7 +39,11 @@ Design choices, and why:
 Obs format (a flat dict, batch axis first): "rgb" uint8 [B,H,W,3], optional
 "depth" float32 [B,H,W,1], "proprio" float32 [B,P], "language" int32 [B,L],
 "language_mask" bool [B,L] (True = real token; all True if absent; if
-"language" is absent the sequence is just the prefix tokens).
+"language" is absent the sequence is just the prefix tokens). Instead of the
+pixels, "image_features" [B,I,C] may carry the vision encoder's output
+(`with_image_features`): the Trainer stores it in the rollout when the vision
+encoder is frozen, so PPO's epochs do not re-run the ResNet (about 70% of a
+frozen-encoder update on the example's tiny VLA).
 """
 
 from __future__ import annotations
@@ -57,6 +61,10 @@ from jaxrl_vla.models.vla.resnet import RESNET_PRESETS, ResNetConfig, ResNetMode
 
 
 IMAGE_TOKEN_MODES = ("pooled", "spatial")
+# obs key of precomputed vision-encoder output [B, I, C] (`GPTVLAModel.with_image_features`): when
+# present, the model reads it instead of the pixels, which it then does not need
+IMAGE_FEATURES_KEY = "image_features"
+PIXEL_KEYS = ("rgb", "depth")
 
 
 class VLAConfigError(ValueError):
@@ -251,15 +259,30 @@ class GPTVLAModel(nn.Module):
         self.value_out = nn.Dense(1)
         self.log_std = self.param("log_std", nn.initializers.constant(cfg.init_log_std), (cfg.action_dim,))
 
+    def image_features(self, obs: Mapping[str, jax.Array]) -> jax.Array:
+        """The vision encoder's output [B, I, C] for the I image tokens, before `image_proj`."""
+        cfg = self.config
+        pooled, feature_map = self.vision(pixels_from_obs(obs, cfg.use_depth).astype(self.dtype))
+        if cfg.image_tokens == "spatial":
+            return feature_map.reshape(pooled.shape[0], -1, feature_map.shape[-1])  # row-major cells
+        return pooled[:, None]
+
+    def with_image_features(self, obs: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        """`obs` with its pixels replaced by `image_features` under IMAGE_FEATURES_KEY.
+
+        For a frozen vision encoder: features computed once when a sample is
+        collected serve every later pass over it (PPO's epochs), which
+        `features` then reads instead of running the ResNet again.
+        """
+        out = {k: v for k, v in obs.items() if k not in PIXEL_KEYS}
+        out[IMAGE_FEATURES_KEY] = self.image_features(obs)
+        return out
+
     def features(self, obs: Mapping[str, jax.Array]) -> jax.Array:
         """The GPT-2 hidden state [B, E] (float32) at the last valid token."""
         cfg = self.config
-        pooled, feature_map = self.vision(pixels_from_obs(obs, cfg.use_depth).astype(self.dtype))
-        batch = pooled.shape[0]
-        if cfg.image_tokens == "spatial":
-            image = feature_map.reshape(batch, -1, feature_map.shape[-1])  # row-major cells
-        else:
-            image = pooled[:, None]
+        image = obs[IMAGE_FEATURES_KEY] if IMAGE_FEATURES_KEY in obs else self.image_features(obs)
+        batch = image.shape[0]
         tokens = [self.image_proj(image.astype(self.dtype))]
         if cfg.proprio_dim > 0:
             tokens.append(self.proprio_proj(obs["proprio"].astype(self.dtype))[:, None])
