@@ -12,7 +12,7 @@ import inspect
 from typing import Any
 
 from jaxrl_vla.algo.ppo import PPOConfig
-from jaxrl_vla.config import ConfigError
+from jaxrl_vla.config import ConfigError, env_kind
 
 
 def _check_kwargs(factory: Any, kwargs: dict, where: str) -> None:
@@ -38,9 +38,9 @@ def build_env(env_cfg: dict) -> Any:
     """A JAX-native env from the registry (`env.type` "jax", the default)."""
     from jaxrl_vla import envs
 
-    name, kind = env_cfg["name"], env_cfg.get("type", "jax")
+    name, kind = env_cfg["name"], env_kind(env_cfg)
     kwargs = env_kwargs(env_cfg)
-    if kind == "gymnasium" or name.startswith("gymnasium:"):
+    if kind == "gymnasium":
         from jaxrl_vla.envs.host import make_gymnasium_env
 
         return make_gymnasium_env(name.removeprefix("gymnasium:"), **kwargs)

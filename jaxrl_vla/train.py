@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from jaxrl_vla.config import ConfigError, apply_overrides, load_config, resolve
+from jaxrl_vla.config import ConfigError, apply_overrides, env_kind, load_config, resolve
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -62,6 +62,24 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+def split_host_cpu(cfg: dict) -> int:
+    """Apply `trainer.cpu_devices` before JAX starts; returns the CPU device count asked for.
+
+    Auto (0) splits only where it is measured to pay: standard mode with a JAX
+    env, whose rollout runs sharded over the mesh. Host envs and vla mode step
+    on the host and would only replicate their inference.
+    """
+    from jaxrl_vla.training import sharding
+
+    trainer, algo = cfg["trainer"], cfg["algorithm"]["cfg"]
+    requested = trainer["cpu_devices"]
+    if requested == 0 and (trainer["buffer_type"] != "standard" or env_kind(cfg["env"]) != "jax"):
+        requested = 1
+    count = sharding.cpu_device_count(requested, trainer["num_envs"], algo["batch_size"], sharding.available_cores())
+    sharding.split_host_cpu(count)
+    return count
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.total_timesteps is not None and args.total_timesteps <= 0:
@@ -69,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cfg = resolve_run_config(args)
+        split_host_cpu(cfg)
         from jaxrl_vla.build import build_trainer
 
         enable_compilation_cache()

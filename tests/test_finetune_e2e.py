@@ -212,3 +212,24 @@ def test_finetune_vla_mode(checkpoint, tmp_path):
     records = [json.loads(line) for line in (only_run_dir(tmp_path) / "metrics.jsonl").read_text().splitlines()]
     assert [r["global_step"] for r in records] == [8, 16]
     assert "staleness" in records[-1]
+
+
+def test_finetune_on_two_cpu_devices(checkpoint, tmp_path):
+    """The example as `python -m jaxrl_vla.train` runs it on a multi-core CPU: its auto `trainer.cpu_devices`
+    splits the host into devices, and the pretrained parameters (loaded onto one device) are replicated over
+    the mesh before training (they used to be refused as committed to another device)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    args = [sys.executable, "-m", "jaxrl_vla.train", "--config", str(EXAMPLE / "train_config.json"), "--no-progress",
+            "--output-dir", str(tmp_path / "runs")]
+    for override in [*checkpoint_overrides(checkpoint), *TINY_RUN, "trainer.cpu_devices=2"]:
+        args += ["--set", override]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "data-parallel over 2 cpu devices" in out.stdout + out.stderr
+    records = [json.loads(line) for line in (only_run_dir(tmp_path) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["global_step"] for r in records] == [8, 16]
+    assert "eval/success_rate" in records[-1]

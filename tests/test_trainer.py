@@ -200,22 +200,39 @@ def test_two_devices_split_each_minibatch(tmp_path):
 
 
 def test_two_devices_shard_the_env_batch(tmp_path):
+    """The rollout's env batch and the evaluation's episodes are split over the devices (the evaluation
+    resets its envs inside jit: without its constraint every device would run every episode), and the
+    split evaluation gives the one-device result."""
     code = textwrap.dedent(f"""
         import jax, numpy as np
         assert jax.device_count() == 2
         from jaxrl_vla import Trainer
         from jaxrl_vla.algo import PPOConfig
         from jaxrl_vla.envs import make_env
+        from jaxrl_vla.envs.wrappers import VecEnv
         from jaxrl_vla.models.actor_critic import ActorCritic
+        from jaxrl_vla.training import sharding
+        from jaxrl_vla.training.rollout import make_evaluate_fn
         env = make_env('CartPole-v1')
         t = Trainer(ActorCritic(env.action_space, (16,)), env, PPOConfig(n_epochs=1, batch_size=128),
-                    buffer_size=32, num_envs=8, iterations=3, eval_freq=3, output_dir={str(tmp_path)!r}, progress=False)
+                    buffer_size=32, num_envs=8, iterations=3, eval_freq=3, num_eval_episodes=16,
+                    output_dir={str(tmp_path)!r}, progress=False)
         t.train()
         obs_devices = t.state.obs.sharding.device_set
         assert len(obs_devices) == 2, obs_devices
         assert t.state.obs.addressable_shards[0].data.shape[0] == 4
         assert len(t.state.params['params']['value_head']['kernel'].sharding.device_set) == 2  # replicated
         assert t.trace_count == 1
+        args = jax.device_put((t.state.params, t.state.obs_stats, t._eval_key()), sharding.replicated(t.mesh))
+        def evaluation(constrain):
+            f = jax.jit(make_evaluate_fn(t.policy.apply, VecEnv(env, 16), 500, 1, constrain)).lower(*args).compile()
+            return jax.device_get(f(*args)), f.cost_analysis()['flops']
+        split, flops_split = evaluation(sharding.env_batch_constraint(t.mesh, 16))
+        whole, flops_whole = evaluation(None)
+        assert flops_split < 0.75 * flops_whole, (flops_split, flops_whole)
+        np.testing.assert_allclose(jax.tree_util.tree_leaves(split), jax.tree_util.tree_leaves(whole), rtol=1e-6)
+        assert float(split.count) == 16
+        assert sharding.env_batch_constraint(t.mesh, 15) is None  # uneven: left replicated
         print('OK', t.final_eval)
     """)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")

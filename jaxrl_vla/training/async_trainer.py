@@ -387,7 +387,8 @@ class AsyncTrainer(Trainer):
         if not is_host_env(self.env):  # a JAX-native env: evaluate with the jitted scan
             eval_env = VecEnv(self.env, self.num_eval_episodes)
             max_steps = int(getattr(self.env, "max_episode_steps", 1000))
-            self._evaluate = jax.jit(make_evaluate_fn(apply_fn, eval_env, max_steps, self.chunk))
+            constrain = sharding.env_batch_constraint(self.mesh, self.num_eval_episodes)
+            self._evaluate = jax.jit(make_evaluate_fn(apply_fn, eval_env, max_steps, self.chunk, constrain))
 
     # ------------------------------------------------------------------ acting (overridable)
 

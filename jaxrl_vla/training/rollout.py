@@ -99,13 +99,24 @@ def make_rollout_fn(
     return rollout
 
 
-def make_evaluate_fn(apply_fn: ApplyFn, vec_env: VecEnv, max_steps: int, chunk: int = 1):
+def make_evaluate_fn(
+    apply_fn: ApplyFn,
+    vec_env: VecEnv,
+    max_steps: int,
+    chunk: int = 1,
+    constrain: Callable[[Any], Any] | None = None,
+):
     """Build `evaluate(params, obs_stats, key) -> EpisodeStats` of the FIRST episode of
-    each of the vec_env's N envs, with deterministic (mode) actions."""
+    each of the vec_env's N envs, with deterministic (mode) actions.
+
+    `constrain` (`sharding.env_batch_constraint`) places the freshly reset env
+    batch on the mesh, so that the episodes are split over the devices."""
     num_chunks = -(-max_steps // chunk)
 
     def evaluate(params, obs_stats, key):
         env_state, obs = vec_env.reset(key)
+        if constrain is not None:
+            env_state, obs = constrain((env_state, obs))
         n = vec_env.num_envs
         init = (env_state, obs, jnp.zeros((n,), bool), EpisodeStats(*(jnp.zeros((n,)) for _ in range(4))))
 

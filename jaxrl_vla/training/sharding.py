@@ -10,13 +10,59 @@ leave them replicated. So the same code runs on 1 CPU, 8 GPUs or a TPU slice.
 
 from __future__ import annotations
 
-from typing import Any
+import math
+import os
+from typing import Any, Callable
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def cpu_device_count(requested: int, num_envs: int, batch_size: int, cores: int) -> int:
+    """How many JAX devices to split the host CPU into (`trainer.cpu_devices`).
+
+    `requested` > 0 is used as given; 0 (auto) is the largest count <= `cores`
+    that divides both `num_envs` and `batch_size`, the two axes the mesh
+    splits, so auto never turns a valid config into an invalid one.
+    """
+    if requested > 0:
+        return requested
+    common = math.gcd(num_envs, batch_size)
+    return max(d for d in range(1, max(1, cores) + 1) if common % d == 0)
+
+
+def split_host_cpu(count: int) -> bool:
+    """Make the CPU platform `count` JAX devices, so that the mesh (and with it the
+    rollout's env batch and every PPO minibatch) spans the cores.
+
+    Why: one XLA:CPU program per core keeps the cores busier than one program's
+    intra-op threads on the small ops of an RL update (BENCHMARKS.md#vla_convert:
+    the VLA example's iteration 2.0 s -> 1.3 s on 2 cores). It only affects the CPU
+    platform (GPU/TPU devices are unchanged) and only before JAX has created its
+    backends; returns whether it took effect. A device count the user chose
+    (JAX_NUM_CPU_DEVICES, or --xla_force_host_platform_device_count in XLA_FLAGS)
+    is left alone.
+    """
+    if count <= 1 or jax.config.jax_num_cpu_devices != -1:
+        return False
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return False
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:  # backends already initialised (e.g. JAX used earlier in this process)
+        return False
+    return True
 
 
 def make_mesh(devices: list | None = None) -> Mesh:
@@ -39,6 +85,16 @@ def batch_sharded(mesh: Mesh, tree: Any, num_envs: int) -> Any:
         return replicated(mesh)
 
     return jax.tree_util.tree_map(spec, tree)
+
+
+def env_batch_constraint(mesh: Mesh, num_envs: int) -> Callable[[Any], Any] | None:
+    """Inside jit: pin a tree of env-batched leaves (env state, observations) to `batch_sharded`,
+    for programs that create their env batch themselves (evaluation resets inside jit, so
+    nothing would otherwise split it and every device would run every episode). None on one
+    device or when `num_envs` does not split evenly (then it stays replicated)."""
+    if mesh.size == 1 or num_envs % mesh.size:
+        return None
+    return lambda tree: jax.lax.with_sharding_constraint(tree, batch_sharded(mesh, tree, num_envs))
 
 
 def minibatch_sharding(mesh: Mesh, batch_size: int) -> NamedSharding | None:

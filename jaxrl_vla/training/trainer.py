@@ -255,7 +255,12 @@ class Trainer:
         return initial_train_state(params, self.optimizer, stats, key, env_state, obs)
 
     def _shardings(self, state: TrainState) -> TrainState:
-        return sharding.batch_sharded(self.mesh, state, self.num_envs)
+        """Env state and observations split over the mesh by env; the rest (parameters, optimiser state,
+        counters) replicated. By field, not by shape: a parameter whose leading axis happens to equal
+        num_envs (a 2-d action head's bias with 2 envs) is not env-batched."""
+        replicated = jax.tree_util.tree_map(lambda _: sharding.replicated(self.mesh), state)
+        return replicated.replace(env_state=sharding.batch_sharded(self.mesh, state.env_state, self.num_envs),
+                                  obs=sharding.batch_sharded(self.mesh, state.obs, self.num_envs))
 
     def _build(self, total_iterations: int) -> None:
         num_minibatches = self.cfg.num_minibatches(self.samples_per_iteration)
@@ -299,7 +304,8 @@ class Trainer:
         self._program = self._compiler.submit(self._compile_program)
         eval_env = VecEnv(self.env, self.num_eval_episodes)
         max_steps = int(getattr(self.env, "max_episode_steps", 1000))
-        self._evaluate = jax.jit(make_evaluate_fn(apply_fn, eval_env, max_steps, self.chunk))
+        constrain = sharding.env_batch_constraint(self.mesh, self.num_eval_episodes)
+        self._evaluate = jax.jit(make_evaluate_fn(apply_fn, eval_env, max_steps, self.chunk, constrain))
         if self.eval_freq > 0:
             self._precompile_evaluation(template)
 
@@ -347,8 +353,14 @@ class Trainer:
             f"{self.buffer_type} mode: {self.buffer_size} steps x {self.num_envs} envs = "
             f"{self.samples_per_iteration:,} transitions per iteration, {self.cfg.n_epochs} epochs x "
             f"{minibatches} minibatches of {self.cfg.batch_size}; {total_iterations} iterations{per_call}; "
-            f"run dir {self.run_dir}"
+            f"{self._describe_devices()}run dir {self.run_dir}"
         )
+
+    def _describe_devices(self) -> str:
+        if self.mesh.size == 1:
+            return ""
+        platform = self.mesh.devices.flat[0].platform
+        return f"data-parallel over {self.mesh.size} {platform} devices; "
 
     def evaluate(self) -> dict[str, float | None]:
         """Deterministic evaluation over num_eval_episodes first episodes."""
@@ -376,7 +388,10 @@ class Trainer:
         self._open_run(Path(resume) if resume else None)
         checkpointer = Checkpointer(self.run_dir)
         init = jax.jit(self._init_state, out_shardings=self._state_shardings)
-        state = init(jax.random.PRNGKey(self.seed), self.init_params)
+        # replicated over the mesh: pretrained params arrive committed to one device (the loader's)
+        key, init_params = jax.device_put((jax.random.PRNGKey(self.seed), self.init_params),
+                                          sharding.replicated(self.mesh))
+        state = init(key, init_params)
         if resume:
             state, _ = checkpointer.restore(state)
         self.state = state
