@@ -446,6 +446,7 @@ def policy_rollouts(module: Any, variables: dict, env: Any, episodes: int, seed:
     import jax
 
     from jaxrl_vla.tasks.demos import episode_keys, flatten_valid, run_episodes
+    from jaxrl_vla.training import compiler
 
     std = float(np.exp(log_std))
 
@@ -455,7 +456,7 @@ def policy_rollouts(module: Any, variables: dict, env: Any, episodes: int, seed:
         action = mean + std * noise
         return action[:, None], action[:, None]
 
-    collect = jax.jit(lambda keys: run_episodes(env, act, keys))
+    collect = compiler.jit(lambda keys: run_episodes(env, act, keys))
     parts = []
     for start in range(0, episodes, batch):
         records = jax.device_get(collect(episode_keys(seed, start, batch)))
@@ -575,10 +576,11 @@ def evaluate_policy(module: Any, variables: dict, env: Any, num_episodes: int = 
 
     from jaxrl_vla.envs.wrappers import VecEnv
     from jaxrl_vla.models.vla_policy import VLAPolicy, wrap_variables
+    from jaxrl_vla.training import compiler
     from jaxrl_vla.training.rollout import make_evaluate_fn
 
     policy = VLAPolicy(module)
-    evaluate = jax.jit(make_evaluate_fn(policy.apply, VecEnv(env, num_episodes), int(env.max_episode_steps)))
+    evaluate = compiler.jit(make_evaluate_fn(policy.apply, VecEnv(env, num_episodes), int(env.max_episode_steps)))
     stats = jax.device_get(evaluate(wrap_variables(variables), None, jax.random.PRNGKey(seed)))
     count = max(float(stats.count), 1.0)
     return {

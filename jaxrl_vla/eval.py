@@ -140,8 +140,9 @@ def policy_act_fn(policy: Any, params: Any, obs_stats: Any):
 def policy_collector(env: Any, act, chunk: int = 1):
     """`keys [E] -> run_episodes records` acting with `act`, jitted."""
     from jaxrl_vla.tasks.demos import run_episodes
+    from jaxrl_vla.training import compiler
 
-    return jax.jit(lambda keys: run_episodes(env, act, keys, chunk))
+    return compiler.jit(lambda keys: run_episodes(env, act, keys, chunk))
 
 
 def record_episodes(env: Any, collect, num_episodes: int, seed: int) -> list[Episode]:

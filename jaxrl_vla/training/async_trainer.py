@@ -68,7 +68,7 @@ from jaxrl_vla.buffer.circular import BufferClosed, VLABuffer, steps_for_capacit
 from jaxrl_vla.envs.host import HostVecEnv, as_host_env, is_host_env
 from jaxrl_vla.envs.wrappers import VecEnv
 from jaxrl_vla.models.policy import zeros_like_obs
-from jaxrl_vla.training import sharding
+from jaxrl_vla.training import compiler, sharding
 from jaxrl_vla.training.acting import act_chunk, state_value, value_where
 from jaxrl_vla.training.learner import TrainState, initial_train_state, make_learn_fn
 from jaxrl_vla.training.normalizer import init_stats
@@ -378,17 +378,17 @@ class AsyncTrainer(Trainer):
             return learn_fn(state, rollout, last_value)
 
         # no donation: the state's params are the published snapshot collectors act with
-        self._learn = jax.jit(learn)
+        self._learn = compiler.jit(learn)
         self._act_fn = act
-        self._act = jax.jit(act, static_argnames="deterministic")
-        self._value_where = jax.jit(partial(value_where, apply_fn))
+        self._act = compiler.jit(act, static_argnames="deterministic")
+        self._value_where = compiler.jit(partial(value_where, apply_fn))
         template = jax.eval_shape(self._init_state, jax.random.PRNGKey(0), self.init_params)
         self._state_shardings = jax.tree_util.tree_map(lambda _: sharding.replicated(self.mesh), template)
         if not is_host_env(self.env):  # a JAX-native env: evaluate with the jitted scan
             eval_env = VecEnv(self.env, self.num_eval_episodes)
             max_steps = int(getattr(self.env, "max_episode_steps", 1000))
             constrain = sharding.env_batch_constraint(self.mesh, self.num_eval_episodes)
-            self._evaluate = jax.jit(make_evaluate_fn(apply_fn, eval_env, max_steps, self.chunk, constrain))
+            self._evaluate = compiler.jit(make_evaluate_fn(apply_fn, eval_env, max_steps, self.chunk, constrain))
 
     # ------------------------------------------------------------------ acting (overridable)
 

@@ -47,8 +47,8 @@ def split_host_cpu(count: int) -> bool:
     rollout's env batch and every PPO minibatch) spans the cores.
 
     Why: one XLA:CPU program per core keeps the cores busier than one program's
-    intra-op threads on the small ops of an RL update (BENCHMARKS.md#vla_convert:
-    the VLA example's iteration 2.0 s -> 1.3 s on 2 cores). It only affects the CPU
+    intra-op threads on the small ops of a VLA's rollout and update (the VLA
+    example's iteration 1.14 s -> 0.87 s on 2 cores). It only affects the CPU
     platform (GPU/TPU devices are unchanged) and only before JAX has created its
     backends; returns whether it took effect. A device count the user chose
     (JAX_NUM_CPU_DEVICES, or --xla_force_host_platform_device_count in XLA_FLAGS)

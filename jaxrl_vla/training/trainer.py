@@ -37,7 +37,7 @@ from jaxrl_vla.envs.base import Env
 from jaxrl_vla.envs.wrappers import VecEnv
 from jaxrl_vla.models.policy import action_chunk_size, zeros_like_obs
 from jaxrl_vla.models.vla_policy import frozen_vision_encoder
-from jaxrl_vla.training import sharding
+from jaxrl_vla.training import compiler, sharding
 from jaxrl_vla.training.checkpoint import Checkpointer
 from jaxrl_vla.training.learner import TrainState, initial_train_state, make_learn_fn
 from jaxrl_vla.training.logging import RunLogger
@@ -291,7 +291,7 @@ class Trainer:
         self._iteration_fn = iteration
         # one iteration on its own: the loop runs the program below, but
         # benchmarks/ppo_throughput.py's fused diagnostic loops this unit
-        self._iteration = jax.jit(iteration, donate_argnums=0, out_shardings=self._out_shardings)
+        self._iteration = compiler.jit(iteration, donate_argnums=0, out_shardings=self._out_shardings)
         self._state_shardings = state_shardings
         self._abstract_state = jax.tree_util.tree_map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), template, state_shardings
@@ -305,13 +305,13 @@ class Trainer:
         eval_env = VecEnv(self.env, self.num_eval_episodes)
         max_steps = int(getattr(self.env, "max_episode_steps", 1000))
         constrain = sharding.env_batch_constraint(self.mesh, self.num_eval_episodes)
-        self._evaluate = jax.jit(make_evaluate_fn(apply_fn, eval_env, max_steps, self.chunk, constrain))
+        self._evaluate = compiler.jit(make_evaluate_fn(apply_fn, eval_env, max_steps, self.chunk, constrain))
         if self.eval_freq > 0:
             self._precompile_evaluation(template)
 
     def _compile_program(self) -> Callable:
         """Compile `loop_iterations` for this run: (state, size) -> (state, reports, steps)."""
-        program = jax.jit(
+        program = compiler.jit(
             functools.partial(loop_iterations, self._iteration_fn, self.call_iterations),
             donate_argnums=0,
             out_shardings=self._out_shardings,
@@ -387,7 +387,7 @@ class Trainer:
         self._build(total_iterations)
         self._open_run(Path(resume) if resume else None)
         checkpointer = Checkpointer(self.run_dir)
-        init = jax.jit(self._init_state, out_shardings=self._state_shardings)
+        init = compiler.jit(self._init_state, out_shardings=self._state_shardings)
         # replicated over the mesh: pretrained params arrive committed to one device (the loader's)
         key, init_params = jax.device_put((jax.random.PRNGKey(self.seed), self.init_params),
                                           sharding.replicated(self.mesh))
