@@ -37,19 +37,17 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(HERE))  # for _report, finetune_signal
+sys.path.insert(0, str(HERE))  # for _report and finetune_signal (its collection, evaluation, config arguments)
 if str(REPO) not in sys.path:
     sys.path.insert(1, str(REPO))
 
+import finetune_signal  # noqa: E402
 from _report import machine, machine_line, write_section  # noqa: E402
-
-CONFIG = REPO / "configs" / "vla_example" / "train_config.json"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", type=Path, default=CONFIG, help="the fine-tuning config (policy, env, PPO settings)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    finetune_signal.add_config_arguments(p)
     p.add_argument("--runs", default="vision:3e-4,vision:1e-3,:1e-3",
                    help="comma-separated FREEZE:LR runs (FREEZE a policy.freeze prefix, empty for none)")
     p.add_argument("--rounds", type=int, default=50, help="rounds (one PPO iteration's data and updates each) per run")
@@ -110,7 +108,6 @@ def make_train_round(policy: Any, optimizer: Any, mask: Any, epochs: int, miniba
 def run_one(args: argparse.Namespace, freeze: list[str], lr: float) -> list[dict]:
     import jax
 
-    import finetune_signal
     from jaxrl_vla.algo import ppo
     from jaxrl_vla.build import build_algorithm
     from jaxrl_vla.models.vla_policy import trainable_mask

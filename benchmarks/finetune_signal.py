@@ -52,10 +52,15 @@ from _report import machine, machine_line, write_section  # noqa: E402
 CONFIG = REPO / "configs" / "vla_example" / "train_config.json"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """--config and --set, as `build` reads them (shared with finetune_ceiling.py)."""
     p.add_argument("--config", type=Path, default=CONFIG, help="the fine-tuning config (policy, env, PPO settings)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_config_arguments(p)
     p.add_argument("--lambdas", default="0.8,0.95", help="GAE lambdas to compare (comma-separated; the config uses 0.8)")
     p.add_argument("--sizes", default="256,1024,8192", help="batch sizes (comma-separated; each divides envs x steps)")
     p.add_argument("--batches", type=int, default=3, help="independent rollouts of --envs x --steps samples")

@@ -102,13 +102,20 @@ def restore_latest(directory: Path) -> tuple[dict, int]:
 
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax warns that read-only mode is read-only
     manager = ocp.CheckpointManager(
-        directory.absolute(), options=ocp.CheckpointManagerOptions(read_only=True, create=False)
+        directory.absolute(),
+        item_handlers={"state": ocp.StandardCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
     )
     try:
         step = manager.latest_step()
         if step is None:
             raise EvalError(f"no checkpoint in {directory}")
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        # onto this process's first device, whatever mesh the run trained on (trainer.cpu_devices, GPUs):
+        # without a target orbax insists on the saved topology
+        here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=here),
+                                        manager.item_metadata(step)["state"])
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     finally:
         manager.close()
     return restored.state, int(step)

@@ -170,6 +170,17 @@ def test_missing_checkpoint_names_the_command(tmp_path, capsys):
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+def one_observation(batch: int = 1) -> dict[str, np.ndarray]:
+    """A random VLReach-shaped observation batch."""
+    rng = np.random.default_rng(0)
+    return {
+        "rgb": rng.integers(0, 256, (batch, 64, 64, 3), dtype=np.uint8),
+        "proprio": rng.uniform(-1, 1, (batch, 4)).astype(np.float32),
+        "language": rng.integers(2, 18, (batch, 8)).astype(np.int32),
+        "language_mask": np.arange(8)[None].repeat(batch, 0) < rng.integers(3, 9, (batch, 1)),
+    }
+
+
 def test_finetune_standard_mode_then_export_round_trip(checkpoint, tmp_path):
     from safetensors.torch import load_file
 
@@ -193,13 +204,7 @@ def test_finetune_standard_mode_then_export_round_trip(checkpoint, tmp_path):
     model.load_state_dict(state, strict=True)
     model.eval()
     assert any(not torch.equal(state[k], before[k]) for k in before)  # PPO did change the weights
-    rng = np.random.default_rng(0)
-    obs = {
-        "rgb": rng.integers(0, 256, (5, 64, 64, 3), dtype=np.uint8),
-        "proprio": rng.uniform(-1, 1, (5, 4)).astype(np.float32),
-        "language": rng.integers(2, 18, (5, 8)).astype(np.int32),
-        "language_mask": np.arange(8)[None].repeat(5, 0) < rng.integers(3, 9, (5, 1)),
-    }
+    obs = one_observation(5)
     jax_means = np.asarray(run.policy.apply(run.params, obs)[0].mean)
     with torch.no_grad():
         torch_means = model({k: torch.from_numpy(v) for k, v in obs.items()}).numpy()
@@ -230,6 +235,16 @@ def test_finetune_on_two_cpu_devices(checkpoint, tmp_path):
     out = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "data-parallel over 2 cpu devices" in out.stdout + out.stderr
-    records = [json.loads(line) for line in (only_run_dir(tmp_path) / "metrics.jsonl").read_text().splitlines()]
+    run_dir = only_run_dir(tmp_path)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["global_step"] for r in records] == [8, 16]
     assert "eval/success_rate" in records[-1]
+    # its checkpoint (saved sharded over 2 devices) loads and resumes in this one-device process
+    from jaxrl_vla.eval import load_run
+
+    run = load_run(run_dir)
+    assert int(run.iteration) == 2
+    assert np.isfinite(np.asarray(run.policy.apply(run.params, one_observation())[0].mean)).all()
+    assert train.main(["--resume", str(run_dir), "--no-progress", "--set", "trainer.iterations=3"]) == 0
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["global_step"] for r in records] == [8, 16, 24]

@@ -5,7 +5,7 @@ or fused with their elementwise neighbours, to YNNPACK by default, and for the
 convolutions of a small VLA's ResNet that is slower than XLA's own (Eigen)
 convolution: the tiny VLA's 7x7 stride-2 stem on 64 images of 64x64 takes
 9.0 ms inside a `lax.scan` through YNNPACK and 4.1 ms without it, and the VLA
-example model's PPO update 374 -> 249 ms (2 cores; torch eager takes 287 ms for
+example model's PPO update 423 -> 280 ms (2 cores; torch eager takes 313 ms for
 the same update, BENCHMARKS.md#vla_convert). YNNPACK stays on for what it does
 well here (dots and reductions): `CPU_OPTIONS` lists exactly those library
 fusion types, i.e. convolution and elementwise fusions go back to XLA.
