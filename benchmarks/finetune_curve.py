@@ -325,8 +325,8 @@ def fmt(value: Any, spec: str = "") -> str:
 
 
 def markdown(results: list[dict], export: dict | None, config: dict, bc_info: dict | None, info: dict,
-             load_before: float) -> str:
-    """The BENCHMARKS.md section."""
+             load_before: float, run_trainer: dict) -> str:
+    """The BENCHMARKS.md section (`run_trainer`: the trainer section the pretrained run saved)."""
     t, a = config["trainer"], config["algorithm"]["cfg"]
     rows = [
         f"| {r['run']} | {fmt(r['initial_success'], '.1%')} | {fmt(r['final_success'], '.1%')} | "
@@ -354,8 +354,11 @@ def markdown(results: list[dict], export: dict | None, config: dict, bc_info: di
         f"{', '.join(config['policy'].get('freeze', [])) or 'nothing'}. "
         f"Evaluation: {t['num_eval_episodes']} deterministic episodes every {t['eval_freq']} iterations (the same episodes "
         "each time); step 0 is the starting policy on those episodes. Wall time counts from the start of the training "
-        "process (imports, conversion, compilation and evaluations included). Produced by "
-        "`python benchmarks/finetune_curve.py`; plot: [docs/finetune_curve.png](docs/finetune_curve.png).",
+        "process (imports, conversion, compilation and evaluations included); the runs were given "
+        f"trainer.iterations {run_trainer['iterations']} and trainer.cpu_devices "
+        f"{run_trainer.get('cpu_devices', 0) or 'auto'}, and stop at the wall-clock cap or those iterations, whichever comes first. Produced by "
+        "`python benchmarks/finetune_curve.py` (with `--iterations N` for the iterations above when they differ from "
+        "the config's); plot: [docs/finetune_curve.png](docs/finetune_curve.png).",
         "",
         bc.strip(),
         "",
@@ -417,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     sidecar = Path(str(checkpoint) + ".json")
     bc_info = json.loads(sidecar.read_text()) if sidecar.is_file() else None
     if not args.no_write:
-        section = markdown(results, export, config, bc_info, machine(), load_before)
+        run_trainer = json.loads((runs["pretrained"] / "config.json").read_text())["trainer"]
+        section = markdown(results, export, config, bc_info, machine(), load_before, run_trainer)
         print(f"wrote the finetune section of {write_section('finetune', section)}")
     return 0
 
