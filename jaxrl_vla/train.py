@@ -62,7 +62,7 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
-def split_host_cpu(cfg: dict) -> int:
+def apply_cpu_devices(cfg: dict) -> int:
     """Apply `trainer.cpu_devices` before JAX starts; returns the CPU device count asked for.
 
     Auto (0) splits only where it is measured to pay: a VLA policy in standard
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cfg = resolve_run_config(args)
-        split_host_cpu(cfg)
+        apply_cpu_devices(cfg)
         from jaxrl_vla.build import build_trainer
 
         enable_compilation_cache()

@@ -43,7 +43,7 @@ def test_auto_splits_only_a_vla_policy_in_standard_mode_with_a_jax_env(monkeypat
     monkeypatch.setattr(sharding, "available_cores", lambda: 4)
     cfg = load_config(EXAMPLE, overrides)
     # in this process JAX already has its one CPU device (conftest): the count is computed, not applied
-    assert train.split_host_cpu(cfg) == expected
+    assert train.apply_cpu_devices(cfg) == expected
     assert sharding.split_host_cpu(2) is False
 
 
@@ -52,7 +52,7 @@ def test_auto_leaves_an_mlp_policy_on_one_device(monkeypatch, overrides):
     """CartPole's MLP update is too short for the all-reduce between CPU devices (14x slower per iteration
     measured on 2 cores), so the default config stays on one device."""
     monkeypatch.setattr(sharding, "available_cores", lambda: 4)
-    assert train.split_host_cpu(load_config(None, overrides)) == 1
+    assert train.apply_cpu_devices(load_config(None, overrides)) == 1
     assert sharding.split_host_cpu(2) is False
 
 
