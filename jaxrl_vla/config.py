@@ -96,6 +96,7 @@ SCHEMA: dict[str, Any] = {
             "vf_clip_coef": Field((int, float), None, "clip of the value change (null: no value clipping)", _pos, "> 0", nullable=True),
             "ent_coef": Field((int, float), 0.0, "entropy bonus weight", _nonneg, ">= 0"),
             "vf_coef": Field((int, float), 0.5, "value loss weight", _nonneg, ">= 0"),
+            "aux_coef": Field((int, float), 0.0, "weight of the auxiliary loss (the policy's auxiliary head against policy.auxiliary_target; > 0 needs it, and it needs > 0)", _nonneg, ">= 0"),
             "max_grad_norm": Field((int, float), 0.5, "global gradient-norm clip", _pos, "> 0"),
             "target_kl": Field((int, float), None, "stop the iteration's remaining minibatch updates once approx_kl > 1.5 x target_kl (null: never)", _pos, "> 0", nullable=True),
             "normalize_advantage": Field(bool, True, "normalise advantages per minibatch"),
@@ -110,6 +111,7 @@ SCHEMA: dict[str, Any] = {
         "action_dim": Field(int, None, "vla: action dimension (checked against the env)", _pos, "> 0", nullable=True),
         "dtype": Field(str, "float32", "vla: parameter and activation dtype", *_DTYPE),
         "freeze": Field(list, [], "vla: parameter path prefixes kept frozen (e.g. 'vision', 'language/h_0')", lambda v: all(isinstance(p, str) for p in v), "a list of strings"),
+        "auxiliary_target": Field(str, None, "vla: a privileged observation key (privileged_..., e.g. VLReach's privileged_target_xy with env.privileged_target: true) that a linear head on the model's readout learns to predict during training, weighted by algorithm.cfg.aux_coef: privileged simulator state as a training-only label, never a policy input; the head is not exported", nullable=True),
         "vla_config": {
             "model_path": Field(str, None, "torch checkpoint (.pt/.pth/.safetensors)", nullable=True),
             "model_class": Field(str, "bridge.vla_models.GPTVLAModel", "torch model class 'package.module.Class'"),
@@ -281,6 +283,12 @@ def _check_cross_fields(cfg: dict) -> None:
         )
     if policy["name"] == "vla" and not policy["vla_config"]["model_class"]:
         raise ConfigError("policy.vla_config.model_class: required when policy.name is 'vla'")
+    aux_coef, target = cfg["algorithm"]["cfg"]["aux_coef"], policy["auxiliary_target"]
+    if target is not None and policy["name"] != "vla":
+        raise ConfigError("policy.auxiliary_target: only a vla policy has an auxiliary head")
+    if (aux_coef > 0) != (target is not None):
+        raise ConfigError("algorithm.cfg.aux_coef > 0 needs policy.auxiliary_target (the label it weights)" if aux_coef > 0
+                          else "policy.auxiliary_target is set but algorithm.cfg.aux_coef is 0: the head would never train")
 
 
 def resolve(raw: dict) -> dict:

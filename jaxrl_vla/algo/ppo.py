@@ -24,6 +24,8 @@ from flax import struct
 from jaxrl_vla.types import Batch, Transition
 
 ApplyFn = Callable[[Any, Any], tuple[Any, jax.Array]]
+# (params, obs) -> scalar: a supervised loss added to PPO's with weight cfg.aux_coef (see ppo_loss)
+AuxLossFn = Callable[[Any, Any], jax.Array]
 
 
 @struct.dataclass
@@ -40,6 +42,7 @@ class PPOConfig:
     vf_clip_coef: float | None = struct.field(pytree_node=False, default=None)
     ent_coef: float = 0.0
     vf_coef: float = 0.5
+    aux_coef: float = 0.0
     max_grad_norm: float = struct.field(pytree_node=False, default=0.5)
     target_kl: float | None = struct.field(pytree_node=False, default=None)
     normalize_advantage: bool = struct.field(pytree_node=False, default=True)
@@ -136,8 +139,16 @@ def score_actions(apply_fn: ApplyFn, params: Any, obs: Any, action: jax.Array, c
     return pick(dist.log_prob(tiled)), pick(dist.entropy()), pick(value)
 
 
-def ppo_loss(params: Any, apply_fn: ApplyFn, batch: Batch, cfg: PPOConfig) -> tuple[jax.Array, dict]:
-    """PPO's clipped objective on one minibatch; returns (loss, metrics)."""
+def ppo_loss(
+    params: Any, apply_fn: ApplyFn, batch: Batch, cfg: PPOConfig, aux_loss_fn: AuxLossFn | None = None
+) -> tuple[jax.Array, dict]:
+    """PPO's clipped objective on one minibatch; returns (loss, metrics).
+
+    `aux_loss_fn` adds `cfg.aux_coef` x a supervised loss on the same
+    observations (e.g. a probe of privileged simulator state,
+    `policy.auxiliary_target`): a gradient into the shared trunk that does not
+    wait for the advantages to single out which states matter.
+    """
     log_prob, entropy, value = score_actions(apply_fn, params, batch.obs, batch.action, batch.chunk_index)
     advantage = batch.advantage
     if cfg.normalize_advantage:
@@ -156,6 +167,11 @@ def ppo_loss(params: Any, apply_fn: ApplyFn, batch: Batch, cfg: PPOConfig) -> tu
 
     entropy_mean = entropy.mean()
     loss = policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * entropy_mean
+    extra = {}
+    if aux_loss_fn is not None:
+        aux_loss = aux_loss_fn(params, batch.obs)
+        loss = loss + cfg.aux_coef * aux_loss
+        extra["loss/aux"] = aux_loss
     metrics = {
         "loss/total": loss,
         "loss/policy": policy_loss,
@@ -164,6 +180,7 @@ def ppo_loss(params: Any, apply_fn: ApplyFn, batch: Batch, cfg: PPOConfig) -> tu
         # the low-variance estimator k3 = (r - 1) - log r (Schulman), as SB3/CleanRL report
         "approx_kl": jnp.mean((ratio - 1.0) - log_ratio),
         "clip_fraction": jnp.mean((jnp.abs(ratio - 1.0) > cfg.clip_coef).astype(jnp.float32)),
+        **extra,
     }
     return loss, metrics
 
@@ -232,6 +249,7 @@ def update(
     cfg: PPOConfig,
     trainable_mask: Any = None,
     minibatch_sharding: jax.sharding.Sharding | None = None,
+    aux_loss_fn: AuxLossFn | None = None,
 ) -> tuple[Any, Any, dict]:
     """n_epochs passes of shuffled minibatch SGD over `batch`; pure and jittable.
 
@@ -260,7 +278,7 @@ def update(
 
     def minibatch_step(carry, minibatch: Batch):
         state, stopped = carry
-        (_, metrics), grads = grad_fn(state.params, apply_fn, minibatch, cfg)
+        (_, metrics), grads = grad_fn(state.params, apply_fn, minibatch, cfg, aux_loss_fn)
         if cfg.target_kl is not None:
             stopped = jnp.logical_or(stopped, metrics["approx_kl"] > 1.5 * cfg.target_kl)
         updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)

@@ -25,6 +25,19 @@ from flax import struct
 
 PyTree = Any
 
+# Observation keys that start with this hold privileged simulator state (e.g. where the instructed
+# object is): training-only labels for auxiliary losses (`policy.auxiliary_target`), never a policy
+# input. Policies that consume every leaf of an observation drop them (`policy_inputs`); a deployed
+# robot has no such key, so a policy that read one could not run there.
+PRIVILEGED_PREFIX = "privileged_"
+
+
+def policy_inputs(obs: PyTree) -> PyTree:
+    """`obs` without its privileged keys (dict observations; anything else is returned as is)."""
+    if isinstance(obs, dict):
+        return {k: v for k, v in obs.items() if not (isinstance(k, str) and k.startswith(PRIVILEGED_PREFIX))}
+    return obs
+
 
 @struct.dataclass
 class Discrete:

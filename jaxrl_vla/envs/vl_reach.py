@@ -68,6 +68,13 @@ Reward (per step)
   episodes grew from 9 to 19 steps and evaluation success fell 51% -> 39% in
   37k env steps; without it, success stayed at 47-52%.
 
+Privileged state (privileged_target=True, off by default)
+  obs["privileged_target_xy"]: the instructed object's centre in [-1, 1]^2
+  (the proprio's units). A training-only label for an auxiliary loss
+  (`policy.auxiliary_target`), which simulation can offer and a real robot
+  cannot; keys with the "privileged_" prefix are never a policy input
+  (`jaxrl_vla.envs.base.policy_inputs`).
+
 Termination
   An object is "touched" when the effector centre is within
   `object_radius + effector_radius` of its centre (if two are, the nearer one
@@ -105,7 +112,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxrl_vla.envs.base import Box, TimeStep
+from jaxrl_vla.envs.base import PRIVILEGED_PREFIX, Box, TimeStep
 from jaxrl_vla.tokenizer import PAD_ID, WordTokenizer
 
 COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow")
@@ -136,6 +143,8 @@ _COLOUR_SLOT = -1  # placeholders in the template table
 _SHAPE_SLOT = -2
 MAX_OBJECTS = 6
 PROGRESS_DISTANCES = ("euclidean", "path")
+# privileged_target=True: the instructed object's centre, mapped to [-1, 1] like the proprio
+PRIVILEGED_TARGET_KEY = PRIVILEGED_PREFIX + "target_xy"
 
 
 def tokenizer(max_length: int = 8) -> WordTokenizer:
@@ -496,6 +505,7 @@ class VLReach:
         wrong_object_penalty: float = 0.0,
         progress_distance: str = "euclidean",
         templates: Sequence[str] | None = None,
+        privileged_target: bool = False,
     ):
         if not 2 <= num_objects <= MAX_OBJECTS:
             raise ValueError(f"num_objects must be in [2, {MAX_OBJECTS}], got {num_objects}")
@@ -533,6 +543,7 @@ class VLReach:
         self.wrong_object_penalty = float(wrong_object_penalty)
         self.progress_distance = str(progress_distance)
         self.templates = tuple(TEMPLATES if templates is None else templates)
+        self.privileged_target = bool(privileged_target)
         self._template_ids, self._template_mask = compile_templates(self.templates, self.instruction_length)
 
     def config(self) -> dict:
@@ -544,7 +555,7 @@ class VLReach:
             effector_radius=self.effector_radius, layout_jitter=self.layout_jitter,
             progress_scale=self.progress_scale, action_cost=self.action_cost, success_bonus=self.success_bonus,
             wrong_object_penalty=self.wrong_object_penalty, progress_distance=self.progress_distance,
-            templates=list(self.templates),
+            templates=list(self.templates), privileged_target=self.privileged_target,
         )
 
     def _config(self) -> tuple:
@@ -570,6 +581,8 @@ class VLReach:
         }
         if self.use_depth:
             space["depth"] = Box(0.0, 1.0, (s, s, 1), jnp.float32)
+        if self.privileged_target:
+            space[PRIVILEGED_TARGET_KEY] = Box(-1.0, 1.0, (2,), jnp.float32)
         return space
 
     @property
@@ -602,6 +615,8 @@ class VLReach:
         }
         if self.use_depth:
             obs["depth"] = render_depth(state, self.image_size, self.object_radius, self.effector_radius)
+        if self.privileged_target:
+            obs[PRIVILEGED_TARGET_KEY] = (2.0 * state.object_pos[state.target] - 1.0).astype(jnp.float32)
         return obs
 
     def reset(self, key: jax.Array) -> tuple[VLReachState, dict[str, jax.Array]]:

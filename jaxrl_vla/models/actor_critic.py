@@ -9,15 +9,15 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
-from jaxrl_vla.envs.base import Box, Discrete
+from jaxrl_vla.envs.base import Box, Discrete, policy_inputs
 from jaxrl_vla.models.distributions import Categorical, DiagGaussian
 
 ACTIVATIONS = {"tanh": nn.tanh, "relu": nn.relu, "gelu": nn.gelu, "elu": nn.elu, "silu": nn.silu}
 
 
 def flatten_obs(obs: Any) -> jax.Array:
-    """Concatenate every leaf of an observation pytree into [B, features] float32."""
-    leaves = jax.tree_util.tree_leaves(obs)
+    """Concatenate every leaf of an observation pytree into [B, features] float32 (privileged keys left out)."""
+    leaves = jax.tree_util.tree_leaves(policy_inputs(obs))
     return jnp.concatenate([x.reshape(x.shape[0], -1).astype(jnp.float32) for x in leaves], axis=-1)
 
 

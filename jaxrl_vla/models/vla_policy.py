@@ -21,28 +21,49 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import flax.linen as nn
 from flax import traverse_util
 
 from jaxrl_vla.config import ConfigError
 
 MODEL = "model"  # the wrapped model's scope name inside the policy's variables
+AUXILIARY_HEAD = "auxiliary_head"  # the auxiliary head's scope name (policy.auxiliary_target)
 
 
 class VLAPolicy(nn.Module):
+    """`model` as a Policy; with `auxiliary_dim` > 0 also an auxiliary head (see `auxiliary`)."""
+
     model: nn.Module
+    auxiliary_target: str | None = None  # the privileged obs key the auxiliary head predicts
+    auxiliary_dim: int = 0
 
     @property
     def action_chunk(self) -> int:
         return int(getattr(self.model, "action_chunk", 1))
 
-    @nn.compact
+    def setup(self) -> None:
+        if self.auxiliary_dim:
+            self.auxiliary_head = nn.Dense(self.auxiliary_dim, name=AUXILIARY_HEAD)
+
     def __call__(self, obs: Any):
         dist, value = self.model(obs)  # flax names the submodule "model"
         value = value.reshape(value.shape[0]).astype(jnp.float32)
         if dist.mean.ndim == 3:  # a chunk [B, H, A]: one value per chunk step
             value = jnp.broadcast_to(value[:, None], dist.mean.shape[:2])
         return dist, value
+
+    def auxiliary(self, obs: Any) -> jax.Array:
+        """The auxiliary head's prediction [B, auxiliary_dim] from the model's readout features.
+
+        A linear probe on `model.features(obs)` (the state the action and value
+        heads read), trained against a privileged label of the simulator (e.g.
+        where the instructed object is) next to PPO's loss: a direct, dense
+        gradient for what the policy must work out before its actions can be
+        right. Its parameters live beside the model's ("auxiliary_head"), so
+        exporting the model back to torch leaves it out.
+        """
+        return self.auxiliary_head(self.model.features(obs))
 
     def with_image_features(self, obs: Any) -> Any:
         """`obs` with the pixels replaced by the vision encoder's output (see `frozen_vision_encoder`)."""
@@ -77,7 +98,7 @@ def wrap_variables(model_variables: dict) -> dict:
 
 
 def unwrap_variables(policy_variables: dict) -> dict:
-    """The inverse of `wrap_variables` (what `bridge.export_to_torch` takes)."""
+    """The inverse of `wrap_variables` (what `bridge.export_to_torch` takes); the auxiliary head is left out."""
     return {collection: tree[MODEL] for collection, tree in policy_variables.items()}
 
 
@@ -162,9 +183,59 @@ def build_vla_policy(policy_cfg: dict, env: Any) -> tuple[VLAPolicy, dict, dict 
         model = model.clone(dtype=dtype)
     policy = VLAPolicy(model)
     variables = wrap_variables(variables)
+    if policy_cfg.get("auxiliary_target"):
+        policy, variables = add_auxiliary_head(policy, variables, policy_cfg["auxiliary_target"], env)
     prefixes = freeze_prefixes(policy_cfg, model_config)
     _check_freeze_paths(variables, prefixes)
     return policy, variables, trainable_mask(variables, prefixes)
+
+
+def add_auxiliary_head(policy: VLAPolicy, variables: dict, target: str, env: Any) -> tuple[VLAPolicy, dict]:
+    """`policy` with an auxiliary head predicting the env's privileged obs `target`, and its fresh parameters.
+
+    The head's width is the target's size; its input is the model's readout
+    (`features`), whose width is found by tracing, not assumed.
+    """
+    from jaxrl_vla.envs.base import PRIVILEGED_PREFIX
+
+    space = getattr(env, "observation_space", None)
+    if not target.startswith(PRIVILEGED_PREFIX):
+        raise ConfigError(f"policy.auxiliary_target: {target!r} is not a privileged observation key "
+                          f"(those start with {PRIVILEGED_PREFIX!r}: a policy input cannot be a training label)")
+    if not isinstance(space, dict) or target not in space:
+        offered = sorted(k for k in space if k.startswith(PRIVILEGED_PREFIX)) if isinstance(space, dict) else []
+        hint = f"; it offers {', '.join(offered)}" if offered else " (VLReach-v0 offers one with env.privileged_target: true)"
+        raise ConfigError(f"policy.auxiliary_target: the env has no observation {target!r}{hint}")
+    if not hasattr(policy.model, "features"):
+        raise ConfigError(f"policy.auxiliary_target: {type(policy.model).__name__} has no features(obs) method "
+                          "(the readout the auxiliary head reads)")
+    dim = int(np.prod(space[target].shape))
+    from jaxrl_vla.models.policy import zeros_like_obs
+
+    readout = jax.eval_shape(lambda v, o: policy.apply(v, o, method=lambda m, x: m.model.features(x)),
+                             variables, zeros_like_obs(space))
+    # zero weights: the head starts predicting 0 and sends no gradient into the pretrained trunk until it has
+    # learned which direction of the readout to ask for (a random head's first gradients are large and
+    # arbitrary: they tripped target_kl on the first iteration)
+    head = {"kernel": jnp.zeros((readout.shape[-1], dim), jnp.float32), "bias": jnp.zeros((dim,), jnp.float32)}
+    variables = {**variables, "params": {**variables["params"], AUXILIARY_HEAD: head}}
+    return policy.clone(auxiliary_target=target, auxiliary_dim=dim), variables
+
+
+def auxiliary_loss(policy: nn.Module) -> Callable[[Any, Any, Any], jax.Array] | None:
+    """`loss(variables, inputs, obs)`: mean squared error of the auxiliary head on `inputs` (what the policy
+    sees, e.g. normalised) against `obs[policy.auxiliary_target]` (the raw privileged label), summed over its
+    entries; None for a policy without an auxiliary head (the learner then adds nothing)."""
+    target = getattr(policy, "auxiliary_target", None)
+    if target is None:
+        return None
+
+    def loss(variables: Any, inputs: Any, obs: Any) -> jax.Array:
+        prediction = policy.apply(variables, inputs, method=VLAPolicy.auxiliary)
+        label = obs[target].reshape(prediction.shape).astype(jnp.float32)
+        return jnp.mean(jnp.sum(jnp.square(prediction - label), axis=-1))
+
+    return loss
 
 
 def _random_twin(model_class: str, model_config: dict) -> tuple[nn.Module, dict]:

@@ -68,6 +68,7 @@ from jaxrl_vla.buffer.circular import BufferClosed, VLABuffer, steps_for_capacit
 from jaxrl_vla.envs.host import HostVecEnv, as_host_env, is_host_env
 from jaxrl_vla.envs.wrappers import VecEnv
 from jaxrl_vla.models.policy import zeros_like_obs
+from jaxrl_vla.models.vla_policy import auxiliary_loss
 from jaxrl_vla.training import compiler, sharding
 from jaxrl_vla.training.acting import act_chunk, state_value, value_where
 from jaxrl_vla.training.learner import TrainState, initial_train_state, make_learn_fn
@@ -369,7 +370,8 @@ class AsyncTrainer(Trainer):
         def act(params, obs_stats, obs, key, counter, deterministic=False):
             return act_chunk(apply_fn, params, obs_stats, obs, jax.random.fold_in(key, counter), deterministic)
 
-        learn_fn = make_learn_fn(apply_fn, self.optimizer, self.cfg, self.trainable_mask, self.minibatch_sharding)
+        learn_fn = make_learn_fn(apply_fn, self.optimizer, self.cfg, self.trainable_mask, self.minibatch_sharding,
+                                 auxiliary_loss(self.policy))
 
         def learn(state, rollout, next_obs):
             """Bootstrap V(obs after the newest step) with the learner's params, then PPO."""

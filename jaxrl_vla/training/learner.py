@@ -55,11 +55,14 @@ def make_learn_fn(
     cfg: ppo.PPOConfig,
     trainable_mask: Any = None,
     minibatch_sharding: jax.sharding.Sharding | None = None,
+    auxiliary_loss: Callable[[Any, Any, Any], jax.Array] | None = None,
 ) -> Callable[[TrainState, Transition, jax.Array], tuple[TrainState, dict]]:
     """Build the pure `learn(state, rollout [T, N], last_value [N]) -> (state, metrics)`.
 
     `minibatch_sharding` is `ppo.update`'s (`sharding.minibatch_sharding`:
-    data-parallel minibatches on a multi-device mesh).
+    data-parallel minibatches on a multi-device mesh). `auxiliary_loss(params,
+    inputs, obs)` (`vla_policy.auxiliary_loss`) is PPO's `aux_loss_fn`, given
+    the normalised observations as inputs and the raw ones for its labels.
 
     The loss sees observations normalised with the same statistics the actor
     used, so the first epoch's ratio is exactly 1; the statistics absorb the
@@ -75,9 +78,14 @@ def make_learn_fn(
         def normalized_apply(params, obs):
             return apply_fn(params, normalize(stats, obs))
 
+        aux_loss_fn = None
+        if auxiliary_loss is not None:
+            def aux_loss_fn(params, obs):
+                return auxiliary_loss(params, normalize(stats, obs), obs)
+
         params, opt_state, metrics = ppo.update(
             state.params, state.opt_state, batch, update_key, apply_fn=normalized_apply, optimizer=optimizer, cfg=cfg,
-            trainable_mask=trainable_mask, minibatch_sharding=minibatch_sharding,
+            trainable_mask=trainable_mask, minibatch_sharding=minibatch_sharding, aux_loss_fn=aux_loss_fn,
         )
         new_stats = None if stats is None else update_stats(stats, rollout.obs)
         metrics["staleness"] = jnp.mean(state.iteration - rollout.policy_version.astype(jnp.float32))

@@ -36,7 +36,7 @@ from jaxrl_vla.config import check_iterations_per_call
 from jaxrl_vla.envs.base import Env
 from jaxrl_vla.envs.wrappers import VecEnv
 from jaxrl_vla.models.policy import action_chunk_size, zeros_like_obs
-from jaxrl_vla.models.vla_policy import frozen_vision_encoder
+from jaxrl_vla.models.vla_policy import auxiliary_loss, frozen_vision_encoder
 from jaxrl_vla.training import compiler, sharding
 from jaxrl_vla.training.checkpoint import Checkpointer
 from jaxrl_vla.training.learner import TrainState, initial_train_state, make_learn_fn
@@ -270,7 +270,8 @@ class Trainer:
         # a frozen vision encoder runs once per collected sample, not once per epoch (raw obs only)
         obs_encoder = None if self.normalize_observations else frozen_vision_encoder(self.policy, self.trainable_mask)
         rollout = make_rollout_fn(apply_fn, self.vec_env, self.buffer_size, self.chunk, obs_encoder)
-        learn = make_learn_fn(apply_fn, self.optimizer, self.cfg, self.trainable_mask, self.minibatch_sharding)
+        learn = make_learn_fn(apply_fn, self.optimizer, self.cfg, self.trainable_mask, self.minibatch_sharding,
+                              auxiliary_loss(self.policy))
 
         def iteration(state: TrainState) -> tuple[TrainState, jax.Array, jax.Array]:
             self.trace_count += 1  # runs only while tracing: counts compilations
