@@ -24,6 +24,7 @@ from jaxrl_vla.envs.vl_reach import (
     EFFECTOR_DOT_RGB,
     EFFECTOR_RGB,
     SHAPES,
+    SQUARE_HALF_SIDE,
     VOCAB,
     VLReach,
     expert_action,
@@ -74,8 +75,9 @@ def test_renderer_puts_each_object_colour_at_its_pixels(scene):
     assert (rgb[pixel(ci[0] - 0.9 * r, ci[1], size)] == COLOUR_RGB[BLUE]).all()
     assert (rgb[pixel(tr[0] - 0.9 * r, tr[1] + 0.8 * r, size)] == COLOUR_RGB[GREEN]).all()
     assert (rgb[pixel(tr[0] - 0.9 * r, tr[1] - 0.8 * r, size)] == BACKGROUND_RGB).all()
-    # Areas match the geometry (0.85r square, r circle, 2.2r x 2r triangle) to within the pixel grid.
-    areas = {RED: (1.7 * r) ** 2, BLUE: np.pi * r * r, GREEN: 0.5 * 2.2 * r * 2.0 * r}
+    # Areas match the geometry (square of half-side SQUARE_HALF_SIDE r, r circle, 2.2r x 2r triangle)
+    # to within the pixel grid.
+    areas = {RED: (2 * SQUARE_HALF_SIDE * r) ** 2, BLUE: np.pi * r * r, GREEN: 0.5 * 2.2 * r * 2.0 * r}
     for colour, area in areas.items():
         count = (rgb == COLOUR_RGB[colour]).all(-1).sum()
         assert abs(count - area * size * size) <= 0.2 * area * size * size, (COLOURS[colour], count)

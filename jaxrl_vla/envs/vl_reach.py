@@ -136,6 +136,13 @@ TEMPLATES: tuple[str, ...] = (
 )
 
 GRID_CELLS = 4  # layout grid per side
+# The square's half-side in object radii: 1.0 makes it the circle plus its four corners (areas at
+# r = 0.07 on 64 px: square 81, circle 63, triangle 45 pixels). Why not a square of about the circle's
+# area (half-side 0.85 r, as before): at 64 px the two then differ in a few edge pixels, and the ResNet
+# of the fine-tuning example, trained by BC, misread 8.6% of squares and circles as each other
+# (benchmarks/vision_probe.py; colours and triangles it read without error), which capped every
+# policy built on it.
+SQUARE_HALF_SIDE = 1.0
 OBJECT_HEIGHT = 0.1
 EFFECTOR_HEIGHT = 0.2
 PROPRIO_DIM = 4
@@ -230,12 +237,12 @@ def row_half_widths(centre_y: jax.Array, shape: jax.Array, size: int, radius: fl
     rows and the k x S x S pixel test is a single compare (~3x faster on CPU
     than evaluating every shape's inequality at every pixel).
 
-    Shapes have similar areas: a square of half-side 0.85 r, a circle of
-    radius r, and an up-pointing triangle (apex 1.1 r above the centre, base
-    0.9 r below it, base half-width 1.1 r).
+    Shapes: a square of half-side `SQUARE_HALF_SIDE` x r (the circle plus
+    its four corners), a circle of radius r, and an up-pointing triangle
+    (apex 1.1 r above the centre, base 0.9 r below it, base half-width 1.1 r).
     """
     dy = pixel_centres(size)[None, :] - centre_y[:, None]  # [k, S]
-    half = 0.85 * radius
+    half = SQUARE_HALF_SIDE * radius
     square = jnp.where(jnp.abs(dy) <= half, half, -1.0)
     circle = disc_half_widths(dy, radius)
     apex, base = -1.1 * radius, 0.9 * radius
