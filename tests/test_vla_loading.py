@@ -121,6 +121,14 @@ def test_unknown_config_key(checkpoints):
         load_vla_model(checkpoints["pt"], CLASS, {**CONFIG, "visoin_encoder": "resnet18"})
 
 
+@pytest.mark.parametrize("key, value", [("token_order", "text_first"), ("image_tokens", "patches")])
+def test_bad_config_value_names_the_key_and_the_choices(key, value):
+    from jaxrl_vla.models.vla import VLAModelConfig
+
+    with pytest.raises(VLAConfigError, match=f"{key} must be one of .*{value}"):
+        VLAModelConfig.from_dict({**CONFIG, key: value})
+
+
 def test_missing_file(tmp_path):
     path = tmp_path / "nope.pt"
     with pytest.raises(CheckpointNotFoundError, match="nope.pt") as info:

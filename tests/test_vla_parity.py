@@ -181,8 +181,10 @@ def build_pair(**overrides):
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"action_chunk": 2, "use_depth": True}, {"proprio_dim": 0}, {"image_tokens": "spatial", "n_positions": 32}],
-    ids=["plain", "chunk2-depth", "no-proprio", "spatial-image-tokens"],
+    [{}, {"action_chunk": 2, "use_depth": True}, {"proprio_dim": 0}, {"image_tokens": "spatial", "n_positions": 32},
+     {"image_tokens": "spatial", "n_positions": 32, "token_order": "instruction_first"},
+     {"proprio_dim": 0, "token_order": "instruction_first"}],
+    ids=["plain", "chunk2-depth", "no-proprio", "spatial-image-tokens", "instruction-first", "instruction-first-no-proprio"],
 )
 def test_vla_outputs_match_torch(overrides):
     cfg, ref, model, variables = build_pair(**overrides)
@@ -231,6 +233,31 @@ def test_spatial_image_tokens_follow_the_feature_map():
     np.testing.assert_allclose(np.asarray(image_tokens[:, side]), np.asarray(want), rtol=1e-6, atol=1e-6)
 
 
+def test_instruction_first_order_reads_out_after_the_image_and_ignores_padding():
+    """[lang, img, proprio]: the readout (last token) sees the whole instruction, padding ids do not matter,
+    and a left-padded instruction (slot 0 masked) stays finite and equal in both twins (slot 0 is kept visible)."""
+    cfg, ref, model, variables = build_pair(token_order="instruction_first")
+    obs = random_obs(cfg, batch=4, seed=5)
+    obs["language_mask"] = torch.tensor([[True] * 6, [True, True, True, False, False, False],
+                                         [False, False, True, True, True, True], [False] * 5 + [True]])
+    mean = jax.jit(lambda v, o: model.apply(v, o, method="forward"))
+    base = np.asarray(mean(variables, to_jax(obs)))
+    with torch.no_grad():
+        np.testing.assert_allclose(base, ref(obs).numpy(), atol=1e-4)
+    assert np.isfinite(base).all()
+    # ids under the mask (other than slot 0, which stays visible) change nothing
+    other = dict(obs, language=torch.where(obs["language_mask"], obs["language"], (obs["language"] + 7) % cfg.vocab_size))
+    other["language"][:, 0] = obs["language"][:, 0]
+    np.testing.assert_allclose(np.asarray(mean(variables, to_jax(other))), base, atol=1e-6)
+    # a visible instruction word does change the action: the readout attends to the instruction
+    changed = dict(obs, language=obs["language"].clone())
+    changed["language"][0, 2] = (changed["language"][0, 2] + 1) % cfg.vocab_size
+    assert np.abs(np.asarray(mean(variables, to_jax(changed)))[0] - base[0]).max() > 1e-6
+    # and the two orders are different models on the same weights
+    image_first = GPTVLAModel(VLAModelConfig.from_dict(tiny_vla_config()))
+    assert np.abs(np.asarray(image_first.apply(variables, to_jax(obs), method="forward")) - base).max() > 1e-4
+
+
 def ppo_loss_terms(logp, entropy, value, old_logp, advantages, returns):
     """Clipped surrogate + value loss - entropy bonus; works on torch tensors and JAX arrays alike."""
     lib = torch if isinstance(logp, torch.Tensor) else jnp
@@ -241,9 +268,11 @@ def ppo_loss_terms(logp, entropy, value, old_logp, advantages, returns):
     return policy_loss + 0.5 * value_loss - 0.01 * entropy.mean()
 
 
-@pytest.mark.parametrize("image_tokens", ["pooled", "spatial"])
-def test_ppo_gradients_match_torch(image_tokens):
-    cfg, ref, model, variables = build_pair(action_chunk=1, image_tokens=image_tokens, n_positions=32)
+@pytest.mark.parametrize("image_tokens,token_order", [("pooled", "image_first"), ("spatial", "image_first"),
+                                                      ("spatial", "instruction_first")])
+def test_ppo_gradients_match_torch(image_tokens, token_order):
+    cfg, ref, model, variables = build_pair(action_chunk=1, image_tokens=image_tokens, n_positions=32,
+                                            token_order=token_order)
     ref.train()  # the twin keeps BatchNorm frozen even in train mode; dropout is off
     obs = random_obs(cfg, batch=6, seed=3)
     gen = torch.Generator().manual_seed(4)

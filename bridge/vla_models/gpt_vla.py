@@ -89,7 +89,7 @@ class GPTVLAModel(nn.Module):
         return self
 
     def features(self, obs: Any) -> torch.Tensor:
-        """The GPT-2 hidden state [B, E] at the last valid token of [img..., proprio, lang...]."""
+        """The GPT-2 hidden state [B, E] at the last valid token of [img..., proprio, lang...] (or [lang..., img..., proprio])."""
         cfg = self.config
         vision = self.vision(pixel_values=pixels_from_obs(obs, cfg.use_depth))
         if cfg.image_tokens == "spatial":
@@ -103,11 +103,15 @@ class GPTVLAModel(nn.Module):
         masks = [torch.ones(batch, cfg.num_prefix_tokens, dtype=torch.bool, device=image.device)]
         if _has(obs, "language"):
             ids = obs["language"].long()
-            tokens.append(self.language.wte(ids))
             lang_mask = (
                 obs["language_mask"].bool() if _has(obs, "language_mask") else torch.ones_like(ids, dtype=torch.bool)
             )
-            masks.append(lang_mask)
+            if cfg.token_order == "instruction_first":  # [lang, img, proprio]; slot 0 always attended (see the Flax twin)
+                lang_mask = lang_mask.clone()
+                lang_mask[:, 0] = True
+                tokens, masks = [self.language.wte(ids)] + tokens, [lang_mask] + masks
+            else:
+                tokens, masks = tokens + [self.language.wte(ids)], masks + [lang_mask]
         seq, mask = torch.cat(tokens, dim=1), torch.cat(masks, dim=1)
         hidden = self.language(inputs_embeds=seq, attention_mask=mask.long()).last_hidden_state
         return hidden[torch.arange(batch, device=hidden.device), last_valid_index(mask)]

@@ -10,6 +10,7 @@ whose weights `bridge.load_vla_model` converts into this module):
     proprio [B,P]                          -> proprio_proj -> token I   (if proprio_dim > 0)
     language ids [B,L] -> GPT-2 wte                          -> the next L tokens
     [img..., proprio, lang...] + positions -> GPT-2 blocks (causal, padding masked) -> ln_f
+        (token_order="instruction_first": [lang..., img..., proprio] instead)
     hidden state at the last valid token -> action_mean (Dense, [B,A] or [B,H,A]) + log_std param
                                          -> value_fc -> tanh -> value_out -> [B,1]
 
@@ -24,8 +25,19 @@ Design choices, and why:
   VLAs ground language). On VLReach, 4 epochs of behaviour cloning gave 48%
   success with 16 spatial tokens against 43% with one token from a ResNet
   strided down to 1x1, in half the time per epoch (the example's model).
+- token_order: with the image first (the default, OpenVLA's order) only the
+  instruction tokens can look at the image, so the readout has to find the
+  named object by attention alone. With "instruction_first" every image token
+  also attends to the instruction and can compute "am I the object it
+  names?" where the object is, the job FiLM does in RT-1's image encoder.
+  Measured on VLReach with the example's frozen ResNet and a fresh 2-layer
+  trunk behaviour-cloned for 4 epochs (benchmarks/trunk_bc.py): held-out
+  action MSE 0.147 -> 0.102, success 64% -> 71%; with 4 layers 0.060, 80%.
+  Same parameters either way, so a checkpoint loads into both orders (but
+  behaves as the order it was trained in).
 - The prefix tokens are always valid, so no query row is ever fully masked
-  (such rows are implementation-defined in torch; see gpt2.py).
+  (such rows are implementation-defined in torch; see gpt2.py). With the
+  instruction first, its slot 0 is always attended (`instruction_first_mask`).
 - Depth is ignored unless `use_depth=True`, in which case it is appended as a
   4th input channel of the ResNet stem. Off by default because a ResNet
   pretrained on RGB has a 3-channel stem whose weights would not load into a
@@ -61,6 +73,7 @@ from jaxrl_vla.models.vla.resnet import RESNET_PRESETS, ResNetConfig, ResNetMode
 
 
 IMAGE_TOKEN_MODES = ("pooled", "spatial")
+TOKEN_ORDERS = ("image_first", "instruction_first")
 # obs key of precomputed vision-encoder output [B, I, C] (`GPTVLAModel.with_image_features`): when
 # present, the model reads it instead of the pixels, which it then does not need
 IMAGE_FEATURES_KEY = "image_features"
@@ -103,6 +116,7 @@ class VLAModelConfig:
     use_depth: bool = False
     value_hidden_dim: int = 256
     image_tokens: str = "pooled"  # "pooled" (one token) | "spatial" (one per feature-map cell)
+    token_order: str = "image_first"  # "image_first" [img, proprio, lang] | "instruction_first" [lang, img, proprio]
     init_log_std: float = 0.0
     freeze_vision_encoder: bool = False
     freeze_language_model: bool = False
@@ -117,6 +131,8 @@ class VLAModelConfig:
                 raise VLAConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.image_tokens not in IMAGE_TOKEN_MODES:
             raise VLAConfigError(f"image_tokens must be one of {list(IMAGE_TOKEN_MODES)}, got {self.image_tokens!r}")
+        if self.token_order not in TOKEN_ORDERS:
+            raise VLAConfigError(f"token_order must be one of {list(TOKEN_ORDERS)}, got {self.token_order!r}")
         if self.proprio_dim < 0:
             raise VLAConfigError(f"proprio_dim must be >= 0, got {self.proprio_dim}")
         needed = self.num_prefix_tokens + self.max_instruction_length
@@ -223,6 +239,18 @@ def pixels_from_obs(obs: Mapping[str, jax.Array], use_depth: bool) -> jax.Array:
     return pixels
 
 
+def instruction_first_mask(language_mask: jax.Array) -> jax.Array:
+    """The instruction's key mask when it leads the sequence: its first slot is always attended.
+
+    With causal attention, a padding slot whose earlier slots are all padding
+    (a left-padded instruction) would have no key to attend to; such rows
+    are implementation-defined (torch can give NaN, and a NaN value poisons
+    every later row even at weight 0). Keeping slot 0 visible rules them
+    out; right-padded instructions (VLReach's) have it valid anyway.
+    """
+    return jnp.asarray(language_mask).at[:, 0].set(True)
+
+
 def last_valid_index(mask: jax.Array) -> jax.Array:
     """Index [B] of the last True entry of each row of a [B, T] mask (rows must have one)."""
     length = mask.shape[1]
@@ -289,8 +317,11 @@ class GPTVLAModel(nn.Module):
         mask = [jnp.ones((batch, cfg.num_prefix_tokens), bool)]
         if "language" in obs:
             ids = obs["language"]
-            tokens.append(self.language.embed_tokens(ids))
-            mask.append(obs.get("language_mask", jnp.ones(ids.shape, bool)).astype(bool))
+            language_mask = obs.get("language_mask", jnp.ones(ids.shape, bool)).astype(bool)
+            if cfg.token_order == "instruction_first":
+                tokens, mask = [self.language.embed_tokens(ids)] + tokens, [instruction_first_mask(language_mask)] + mask
+            else:
+                tokens, mask = tokens + [self.language.embed_tokens(ids)], mask + [language_mask]
         seq = jnp.concatenate([t.astype(self.dtype) for t in tokens], axis=1)
         mask = jnp.concatenate(mask, axis=1)
         hidden = self.language(inputs_embeds=seq, attention_mask=mask)
