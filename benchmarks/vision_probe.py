@@ -111,19 +111,26 @@ def fit_probe(x_train, y_train, x_test, y_test, classes: int, hidden: int, steps
             "empty_accuracy": float((predicted[~occupied] == 0).mean())}
 
 
+def frozen_image_features(policy: Any, variables: Any, rgb: Any, chunk: int = 1024) -> np.ndarray:
+    """[N, I, C] image tokens of the policy's vision encoder for rgb [N, H, W, 3], `chunk` images per call.
+
+    Exactly what the example's rollout stores with the encoder frozen (`VLAPolicy.with_image_features`).
+    """
+    from jaxrl_vla.models.vla_policy import VLAPolicy
+    from jaxrl_vla.training import compiler
+
+    encode = compiler.jit(lambda v, o: policy.apply(v, o, method=VLAPolicy.with_image_features)["image_features"])
+    return np.concatenate([np.asarray(encode(variables, {"rgb": rgb[i:i + chunk]})) for i in range(0, len(rgb), chunk)])
+
+
 def measure(args: argparse.Namespace) -> tuple[list[dict], dict]:
     import jax
 
     from jaxrl_vla.envs.vl_reach import GRID_CELLS
-    from jaxrl_vla.models.vla_policy import VLAPolicy
-    from jaxrl_vla.training import compiler
 
     cfg, env, policy, variables = finetune_signal.build(args)
     states, obs = jax.jit(jax.vmap(env.reset))(jax.random.split(jax.random.PRNGKey(args.seed), args.scenes))
-    encode = compiler.jit(lambda v, o: policy.apply(v, o, method=VLAPolicy.with_image_features)["image_features"])
-    chunk = 1024
-    features = np.concatenate([np.asarray(encode(variables, jax.tree_util.tree_map(lambda x: x[i:i + chunk], obs)))
-                               for i in range(0, args.scenes, chunk)])
+    features = frozen_image_features(policy, variables, obs["rgb"])
     if features.shape[1] != GRID_CELLS * GRID_CELLS:
         raise SystemExit(f"the model gives {features.shape[1]} image tokens, not one per cell of VLReach's "
                          f"{GRID_CELLS}x{GRID_CELLS} layout grid (policy.vla_config.model_config.image_tokens 'spatial')")
