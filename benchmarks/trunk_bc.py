@@ -1,7 +1,7 @@
 """How fast the VLA's trunk learns VLReach from expert labels, by trunk architecture, on frozen image features.
 
     python benchmarks/trunk_bc.py                      # ~15 min on 2 cores: four trunks, 4 epochs each
-    python benchmarks/trunk_bc.py --variants instruction_first:4 --epochs 2 --save /tmp/trunk.safetensors
+    python benchmarks/trunk_bc.py --variants instruction_first:4 --epochs 2 --save /tmp/trunk.safetensors --no-write
 
 Why this exists: PPO fine-tuning and behaviour cloning of the example model
 both stall in the 60-70% range, and `benchmarks/vision_probe.py` shows that
@@ -117,15 +117,20 @@ def train_trunk(model_config: dict, checkpoint_variables: dict, env: Any, datase
         return {"params": {**p, **frozen}, **({"batch_stats": batch_stats} if batch_stats is not None else {})}
 
     def losses(p, rows):
+        """(action-mean MSE, value MSE) on the dataset rows `rows`."""
         o = jax.tree_util.tree_map(lambda x: x[rows], obs)
-        mean, value = model.apply(variables_of(p), o, method=lambda m, o: m._heads(m.features(o)))
-        return jnp.mean((mean - actions[rows]) ** 2), jnp.mean((value[:, 0] - returns[rows]) ** 2)
+        dist, value = model.apply(variables_of(p), o)
+        return jnp.mean((dist.mean - actions[rows]) ** 2), jnp.mean((value - returns[rows]) ** 2)
+
+    def bc_loss(p, rows):
+        action_loss, value_loss = losses(p, rows)
+        return action_loss + 0.5 * value_loss
 
     @jax.jit
     def epoch(p, opt_state, order):
         def step(carry, rows):
             p, s = carry
-            loss, grads = jax.value_and_grad(lambda q: (lambda a, v: a + 0.5 * v)(*losses(q, rows)))(p)
+            loss, grads = jax.value_and_grad(bc_loss)(p, rows)
             updates, s = optimizer.update(grads, s, p)
             return (optax.apply_updates(p, updates), s), loss
 
