@@ -17,7 +17,7 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "configs" / "vla_example" / "
 @pytest.mark.parametrize(
     ("requested", "num_envs", "batch_size", "cores", "expected"),
     [
-        (0, 64, 1024, 2, 2),    # the VLA example on 2 cores
+        (0, 64, 256, 2, 2),     # the VLA example on 2 cores
         (0, 8, 64, 16, 8),      # never more devices than env batch or minibatch can be split into
         (0, 12, 64, 8, 4),      # the largest count that divides both
         (0, 7, 64, 8, 1),       # odd env count: no split
