@@ -324,6 +324,18 @@ def fmt(value: Any, spec: str = "") -> str:
     return "-" if value is None else format(value, spec)
 
 
+
+def aux_text(config: dict) -> str:
+    """The run's auxiliary loss in words (the section must say when PPO had a supervised helper)."""
+    target, coef = config["policy"].get("auxiliary_target"), config["algorithm"]["cfg"].get("aux_coef", 0.0)
+    return f"{coef} x MSE of a head predicting {target} (privileged, training only)" if target else "none"
+
+
+def model_text(config: dict) -> str:
+    """The trunk's depth and token order, which set how fast it grounds the instruction."""
+    model = config["policy"]["vla_config"]["model_config"]
+    return f"{model.get('n_layer', 2)}-layer GPT-2, token order {model.get('token_order', 'image_first')}"
+
 def markdown(results: list[dict], export: dict | None, config: dict, bc_info: dict | None, info: dict,
              load_before: float, run_trainer: dict) -> str:
     """The BENCHMARKS.md section (`run_trainer`: the trainer section the pretrained run saved)."""
@@ -350,7 +362,8 @@ def markdown(results: list[dict], export: dict | None, config: dict, bc_info: di
         f"instruction). {t['num_envs']} envs x {t['buffer_size']} steps per iteration, {a['n_epochs']} epochs of "
         f"minibatches of {a['batch_size']}, Adam {a['learning_rate']} ({a['lr_schedule']}), target_kl {a['target_kl']}, "
         f"gamma {a['gamma']}, GAE lambda {a['gae_lambda']}, reward progress_distance "
-        f"\"{config['env']['progress_distance']}\"; frozen in the pretrained run: "
+        f"\"{config['env']['progress_distance']}\"; auxiliary loss: "
+        f"{aux_text(config)}; model: {model_text(config)}; frozen in the pretrained run: "
         f"{', '.join(config['policy'].get('freeze', [])) or 'nothing'}. "
         f"Evaluation: {t['num_eval_episodes']} deterministic episodes every {t['eval_freq']} iterations (the same episodes "
         "each time); step 0 is the starting policy on those episodes. Wall time counts from the start of the training "
