@@ -324,7 +324,6 @@ def fmt(value: Any, spec: str = "") -> str:
     return "-" if value is None else format(value, spec)
 
 
-
 def aux_text(config: dict) -> str:
     """The run's auxiliary loss in words (the section must say when PPO had a supervised helper)."""
     target, coef = config["policy"].get("auxiliary_target"), config["algorithm"]["cfg"].get("aux_coef", 0.0)
@@ -332,9 +331,13 @@ def aux_text(config: dict) -> str:
 
 
 def model_text(config: dict) -> str:
-    """The trunk's depth and token order, which set how fast it grounds the instruction."""
-    model = config["policy"]["vla_config"]["model_config"]
-    return f"{model.get('n_layer', 2)}-layer GPT-2, token order {model.get('token_order', 'image_first')}"
+    """The trunk's depth and token order, which set how fast it grounds the instruction (the model's own
+    defaults and presets fill what the config leaves out)."""
+    from jaxrl_vla.models.vla.gpt_vla import VLAModelConfig
+
+    model = VLAModelConfig.from_dict(config["policy"]["vla_config"]["model_config"])
+    return f"{model.gpt2_config().n_layer}-layer GPT-2, token order {model.token_order}"
+
 
 def markdown(results: list[dict], export: dict | None, config: dict, bc_info: dict | None, info: dict,
              load_before: float, run_trainer: dict) -> str:

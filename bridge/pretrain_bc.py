@@ -14,7 +14,7 @@ What it does, in order:
 2. Trains a TINY `GPTVLAModel` (`MODEL_CONFIG`: a 2-stage ResNet of widths
    32/64 whose 4x4 feature map becomes 16 image tokens, and a 4-layer,
    64-wide GPT-2 over the env's 18-word vocabulary that reads the instruction
-   before the image), small enough that PPO fine-tuning in JAX runs at ~650
+   before the image), small enough that PPO fine-tuning in JAX runs at ~500
    env steps/s on 2 CPU cores, with the
    ResNet's BatchNorm layers in training mode (`train_batchnorm_statistics`).
    Loss: MSE of the action
