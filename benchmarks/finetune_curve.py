@@ -327,7 +327,10 @@ def fmt(value: Any, spec: str = "") -> str:
 def aux_text(config: dict) -> str:
     """The run's auxiliary loss in words (the section must say when PPO had a supervised helper)."""
     target, coef = config["policy"].get("auxiliary_target"), config["algorithm"]["cfg"].get("aux_coef", 0.0)
-    return f"{coef} x MSE of a head predicting {target} (privileged, training only)" if target else "none"
+    if not target:
+        return "none"
+    names = " and ".join([target] if isinstance(target, str) else target)
+    return f"{coef} x MSE of a head predicting {names} (privileged, training only)"
 
 
 def model_text(config: dict) -> str:

@@ -111,7 +111,7 @@ SCHEMA: dict[str, Any] = {
         "action_dim": Field(int, None, "vla: action dimension (checked against the env)", _pos, "> 0", nullable=True),
         "dtype": Field(str, "float32", "vla: parameter and activation dtype", *_DTYPE),
         "freeze": Field(list, [], "vla: parameter path prefixes kept frozen (e.g. 'vision', 'language/h_0')", lambda v: all(isinstance(p, str) for p in v), "a list of strings"),
-        "auxiliary_target": Field(str, None, "vla: a privileged observation key (privileged_..., e.g. VLReach's privileged_target_xy with env.privileged_target: true) that a linear head on the model's readout learns to predict during training, weighted by algorithm.cfg.aux_coef: privileged simulator state as a training-only label, never a policy input; the head is not exported", nullable=True),
+        "auxiliary_target": Field((str, list), None, "vla: a privileged observation key (privileged_..., e.g. VLReach's privileged_target_xy with env.privileged_target: true, privileged_waypoint_xy with env.privileged_waypoint: true) or a list of them, that a linear head on the model's readout learns to predict during training, weighted by algorithm.cfg.aux_coef: privileged simulator state as a training-only label, never a policy input; the head is not exported", lambda v: isinstance(v, str) or (len(v) > 0 and all(isinstance(k, str) for k in v)), "a key or a non-empty list of keys", nullable=True),
         "vla_config": {
             "model_path": Field(str, None, "torch checkpoint (.pt/.pth/.safetensors)", nullable=True),
             "model_class": Field(str, "bridge.vla_models.GPTVLAModel", "torch model class 'package.module.Class'"),

@@ -68,12 +68,18 @@ Reward (per step)
   episodes grew from 9 to 19 steps and evaluation success fell 51% -> 39% in
   37k env steps; without it, success stayed at 47-52%.
 
-Privileged state (privileged_target=True, off by default)
+Privileged state (privileged_target=True / privileged_waypoint=True, off by default)
   obs["privileged_target_xy"]: the instructed object's centre in [-1, 1]^2
   (the proprio's units). A training-only label for an auxiliary loss
   (`policy.auxiliary_target`), which simulation can offer and a real robot
   cannot; keys with the "privileged_" prefix are never a policy input
   (`jaxrl_vla.envs.base.policy_inputs`).
+  obs["privileged_waypoint_xy"] (privileged_waypoint=True): the next point of
+  the expert's route to the target (`plan_path`'s waypoint; the target's
+  centre itself when nothing stands in the way), in the same units. Where the
+  target label says which object, this one also says how to get there
+  around the others: the privileged waypoints of "Learning by Cheating"
+  (Chen et al., 2019), as a label for the same kind of auxiliary loss.
 
 Termination
   An object is "touched" when the effector centre is within
@@ -152,6 +158,8 @@ MAX_OBJECTS = 6
 PROGRESS_DISTANCES = ("euclidean", "path")
 # privileged_target=True: the instructed object's centre, mapped to [-1, 1] like the proprio
 PRIVILEGED_TARGET_KEY = PRIVILEGED_PREFIX + "target_xy"
+# privileged_waypoint=True: the next point of the expert's route to it (plan_path), in the same units
+PRIVILEGED_WAYPOINT_KEY = PRIVILEGED_PREFIX + "waypoint_xy"
 
 
 def tokenizer(max_length: int = 8) -> WordTokenizer:
@@ -513,6 +521,7 @@ class VLReach:
         progress_distance: str = "euclidean",
         templates: Sequence[str] | None = None,
         privileged_target: bool = False,
+        privileged_waypoint: bool = False,
     ):
         if not 2 <= num_objects <= MAX_OBJECTS:
             raise ValueError(f"num_objects must be in [2, {MAX_OBJECTS}], got {num_objects}")
@@ -551,6 +560,7 @@ class VLReach:
         self.progress_distance = str(progress_distance)
         self.templates = tuple(TEMPLATES if templates is None else templates)
         self.privileged_target = bool(privileged_target)
+        self.privileged_waypoint = bool(privileged_waypoint)
         self._template_ids, self._template_mask = compile_templates(self.templates, self.instruction_length)
 
     def config(self) -> dict:
@@ -563,6 +573,7 @@ class VLReach:
             progress_scale=self.progress_scale, action_cost=self.action_cost, success_bonus=self.success_bonus,
             wrong_object_penalty=self.wrong_object_penalty, progress_distance=self.progress_distance,
             templates=list(self.templates), privileged_target=self.privileged_target,
+            privileged_waypoint=self.privileged_waypoint,
         )
 
     def _config(self) -> tuple:
@@ -590,6 +601,8 @@ class VLReach:
             space["depth"] = Box(0.0, 1.0, (s, s, 1), jnp.float32)
         if self.privileged_target:
             space[PRIVILEGED_TARGET_KEY] = Box(-1.0, 1.0, (2,), jnp.float32)
+        if self.privileged_waypoint:
+            space[PRIVILEGED_WAYPOINT_KEY] = Box(-1.0, 1.0, (2,), jnp.float32)
         return space
 
     @property
@@ -624,6 +637,8 @@ class VLReach:
             obs["depth"] = render_depth(state, self.image_size, self.object_radius, self.effector_radius)
         if self.privileged_target:
             obs[PRIVILEGED_TARGET_KEY] = (2.0 * state.object_pos[state.target] - 1.0).astype(jnp.float32)
+        if self.privileged_waypoint:
+            obs[PRIVILEGED_WAYPOINT_KEY] = (2.0 * self.target_plan(state).waypoint - 1.0).astype(jnp.float32)
         return obs
 
     def reset(self, key: jax.Array) -> tuple[VLReachState, dict[str, jax.Array]]:
@@ -674,12 +689,15 @@ class VLReach:
 
     def target_distance(self, state: VLReachState) -> jax.Array:
         """The effector's distance to the target that the progress reward measures (`progress_distance`)."""
-        target = state.object_pos[state.target]
         if self.progress_distance == "euclidean":
-            return jnp.linalg.norm(state.effector - target)
+            return jnp.linalg.norm(state.effector - state.object_pos[state.target])
+        return self.target_plan(state).length
+
+    def target_plan(self, state: VLReachState) -> PathPlan:
+        """The expert's shortest path from the effector to the target around the other objects (`plan_path`)."""
         blocking = jnp.arange(self.num_objects) != state.target
-        return plan_path(state.effector, target, state.object_pos, blocking, self.touch_radius,
-                         self.effector_bounds).length
+        return plan_path(state.effector, state.object_pos[state.target], state.object_pos, blocking,
+                         self.touch_radius, self.effector_bounds)
 
     def expert_action(self, state: VLReachState, goal: jax.Array | None = None) -> jax.Array:
         """Privileged scripted action [action_dim] toward the target (or object `goal`); extra dims 0."""

@@ -35,7 +35,7 @@ class VLAPolicy(nn.Module):
     """`model` as a Policy; with `auxiliary_dim` > 0 also an auxiliary head (see `auxiliary`)."""
 
     model: nn.Module
-    auxiliary_target: str | None = None  # the privileged obs key the auxiliary head predicts
+    auxiliary_targets: tuple[str, ...] = ()  # the privileged obs keys the auxiliary head predicts, in order
     auxiliary_dim: int = 0
 
     @property
@@ -183,33 +183,48 @@ def build_vla_policy(policy_cfg: dict, env: Any) -> tuple[VLAPolicy, dict, dict 
         model = model.clone(dtype=dtype)
     policy = VLAPolicy(model)
     variables = wrap_variables(variables)
-    if policy_cfg.get("auxiliary_target"):
-        policy, variables = add_auxiliary_head(policy, variables, policy_cfg["auxiliary_target"], env)
+    targets = auxiliary_targets(policy_cfg)
+    if targets:
+        policy, variables = add_auxiliary_head(policy, variables, targets, env)
     prefixes = freeze_prefixes(policy_cfg, model_config)
     _check_freeze_paths(variables, prefixes)
     return policy, variables, trainable_mask(variables, prefixes)
 
 
-def add_auxiliary_head(policy: VLAPolicy, variables: dict, target: str, env: Any) -> tuple[VLAPolicy, dict]:
-    """`policy` with an auxiliary head predicting the env's privileged obs `target`, and its fresh parameters.
+def auxiliary_targets(policy_cfg: dict) -> tuple[str, ...]:
+    """`policy.auxiliary_target` (null, one key or a list of keys) as a tuple of keys."""
+    target = policy_cfg.get("auxiliary_target")
+    if not target:
+        return ()
+    return (target,) if isinstance(target, str) else tuple(target)
 
-    The head's width is the target's size; its input is the model's readout
-    (`features`), whose width is found by tracing, not assumed.
+
+def add_auxiliary_head(policy: VLAPolicy, variables: dict, targets: tuple[str, ...], env: Any) -> tuple[VLAPolicy, dict]:
+    """`policy` with an auxiliary head predicting the env's privileged obs `targets`, and its fresh parameters.
+
+    The head's width is the targets' total size (their entries concatenated in
+    order); its input is the model's readout (`features`), whose width is found
+    by tracing, not assumed.
     """
     from jaxrl_vla.envs.base import PRIVILEGED_PREFIX
 
     space = getattr(env, "observation_space", None)
-    if not target.startswith(PRIVILEGED_PREFIX):
-        raise ConfigError(f"policy.auxiliary_target: {target!r} is not a privileged observation key "
-                          f"(those start with {PRIVILEGED_PREFIX!r}: a policy input cannot be a training label)")
-    if not isinstance(space, dict) or target not in space:
-        offered = sorted(k for k in space if k.startswith(PRIVILEGED_PREFIX)) if isinstance(space, dict) else []
-        hint = f"; it offers {', '.join(offered)}" if offered else " (VLReach-v0 offers one with env.privileged_target: true)"
-        raise ConfigError(f"policy.auxiliary_target: the env has no observation {target!r}{hint}")
+    if len(set(targets)) != len(targets):
+        raise ConfigError(f"policy.auxiliary_target: {list(targets)} names a key twice")
+    for target in targets:
+        if not target.startswith(PRIVILEGED_PREFIX):
+            raise ConfigError(f"policy.auxiliary_target: {target!r} is not a privileged observation key "
+                              f"(those start with {PRIVILEGED_PREFIX!r}: a policy input cannot be a training label)")
+        if not isinstance(space, dict) or target not in space:
+            offered = sorted(k for k in space if k.startswith(PRIVILEGED_PREFIX)) if isinstance(space, dict) else []
+            hint = (f"; it offers {', '.join(offered)}" if offered else
+                    " (VLReach-v0 offers privileged_target_xy with env.privileged_target: true and "
+                    "privileged_waypoint_xy with env.privileged_waypoint: true)")
+            raise ConfigError(f"policy.auxiliary_target: the env has no observation {target!r}{hint}")
     if not hasattr(policy.model, "features"):
         raise ConfigError(f"policy.auxiliary_target: {type(policy.model).__name__} has no features(obs) method "
                           "(the readout the auxiliary head reads)")
-    dim = int(np.prod(space[target].shape))
+    dim = sum(int(np.prod(space[target].shape)) for target in targets)
     from jaxrl_vla.models.policy import zeros_like_obs
 
     readout = jax.eval_shape(lambda v, o: policy.apply(v, o, method=lambda m, x: m.model.features(x)),
@@ -219,23 +234,30 @@ def add_auxiliary_head(policy: VLAPolicy, variables: dict, target: str, env: Any
     # arbitrary: they tripped target_kl on the first iteration)
     head = {"kernel": jnp.zeros((readout.shape[-1], dim), jnp.float32), "bias": jnp.zeros((dim,), jnp.float32)}
     variables = {**variables, "params": {**variables["params"], AUXILIARY_HEAD: head}}
-    return policy.clone(auxiliary_target=target, auxiliary_dim=dim), variables
+    return policy.clone(auxiliary_targets=tuple(targets), auxiliary_dim=dim), variables
 
 
 def auxiliary_loss(policy: nn.Module) -> Callable[[Any, Any, Any], jax.Array] | None:
     """`loss(variables, inputs, obs)`: mean squared error of the auxiliary head on `inputs` (what the policy
-    sees, e.g. normalised) against `obs[policy.auxiliary_target]` (the raw privileged label), summed over its
-    entries; None for a policy without an auxiliary head (the learner then adds nothing)."""
-    target = getattr(policy, "auxiliary_target", None)
-    if target is None:
+    sees, e.g. normalised) against the raw privileged labels `obs[key]` of `policy.auxiliary_targets`
+    (concatenated), summed over their entries; None for a policy without an auxiliary head (the learner then
+    adds nothing)."""
+    targets = getattr(policy, "auxiliary_targets", ())
+    if not targets:
         return None
 
     def loss(variables: Any, inputs: Any, obs: Any) -> jax.Array:
         prediction = policy.apply(variables, inputs, method=VLAPolicy.auxiliary)
-        label = obs[target].reshape(prediction.shape).astype(jnp.float32)
+        label = auxiliary_label(obs, targets).reshape(prediction.shape)
         return jnp.mean(jnp.sum(jnp.square(prediction - label), axis=-1))
 
     return loss
+
+
+def auxiliary_label(obs: Any, targets: tuple[str, ...]) -> jax.Array:
+    """The labels `obs[key]` of `targets` flattened per sample and concatenated: [B, auxiliary_dim]."""
+    parts = [jnp.asarray(obs[t], jnp.float32) for t in targets]
+    return jnp.concatenate([p.reshape(p.shape[0], -1) for p in parts], axis=-1)
 
 
 def _random_twin(model_class: str, model_config: dict) -> tuple[nn.Module, dict]:
