@@ -305,6 +305,25 @@ def test_extra_action_dims_only_cost():
     assert jax.jit(env.expert_action)(state).shape == (4,)
 
 
+@pytest.mark.parametrize("limit", ["clip", "scale"])
+def test_velocity_limit_moves_the_effector_as_documented(limit):
+    """"clip" cuts each axis to [-1, 1] (a command past the box turns toward the diagonal); "scale" shrinks the
+    velocity into the box along its own direction (why: the reward then still depends on the direction of a
+    policy mean past the box). Inside the box both are the identity; extra entries are clipped either way."""
+    env = VLReach(action_dim=3, image_size=16, velocity_limit=limit)
+    state = env.state_from_layout([[0.9, 0.9], [0.1, 0.9]], [0, 1], [0, 1], target=0, effector=[0.5, 0.5])
+    step = jax.jit(env.step)
+    command = np.array([3.0, 1.5, -4.0], np.float32)
+    expected = np.array([1.0, 1.0, -1.0]) if limit == "clip" else np.array([1.0, 0.5, -1.0])
+    moved, ts = step(state, jnp.asarray(command))
+    np.testing.assert_allclose(np.asarray(moved.effector), 0.5 + env.max_speed * expected[:2], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(ts.obs["proprio"])[2:], expected[:2], atol=1e-6)
+    inside, _ = step(state, jnp.asarray([0.3, -0.6, 0.2]))
+    np.testing.assert_allclose(np.asarray(inside.effector), [0.5 + 0.3 * env.max_speed, 0.5 - 0.6 * env.max_speed], atol=1e-6)
+    with pytest.raises(ValueError, match="velocity_limit"):
+        VLReach(velocity_limit="wrap")
+
+
 def test_registry_spaces_and_vecenv():
     env = make_env("VLReach-v0", num_objects=3, image_size=32)
     assert env.reports_success and env.max_episode_steps == 50

@@ -37,10 +37,17 @@ Instruction
   `VOCAB`), so host-side tokenization of the same string gives the same ids.
 
 Actions and dynamics
-  Box(-1, 1, (action_dim,)). The first two entries, clipped to [-1, 1], are the
-  effector's (dx, dy) velocity in units of `max_speed` table widths per step;
-  further entries do nothing but pay the action cost, so a policy learns to
-  leave them at 0. The effector stays on the table.
+  Box(-1, 1, (action_dim,)). The first two entries, brought into [-1, 1]^2, are
+  the effector's (dx, dy) velocity in units of `max_speed` table widths per
+  step; further entries (clipped) do nothing but pay the action cost, so a
+  policy learns to leave them at 0. The effector stays on the table.
+  velocity_limit="clip" (default) clips each axis, as gymnasium's wrappers
+  do; "scale" divides the velocity by its largest entry when that exceeds 1,
+  keeping its direction. Why offer it: a Gaussian policy whose mean lies past
+  the box on both axes (a BC-trained one often does: the expert moves at full
+  speed) is clipped onto the diagonal, and the reward then no longer depends
+  on the direction of that mean, so PPO gets no gradient to steer it; scaled,
+  the direction always counts. Commands inside the box move the same way.
 
 Reward (per step)
   progress_scale * (d_prev - d_new)    d = effector-to-target distance (below)
@@ -156,6 +163,7 @@ _COLOUR_SLOT = -1  # placeholders in the template table
 _SHAPE_SLOT = -2
 MAX_OBJECTS = 6
 PROGRESS_DISTANCES = ("euclidean", "path")
+VELOCITY_LIMITS = ("clip", "scale")
 # privileged_target=True: the instructed object's centre, mapped to [-1, 1] like the proprio
 PRIVILEGED_TARGET_KEY = PRIVILEGED_PREFIX + "target_xy"
 # privileged_waypoint=True: the next point of the expert's route to it (plan_path), in the same units
@@ -522,6 +530,7 @@ class VLReach:
         templates: Sequence[str] | None = None,
         privileged_target: bool = False,
         privileged_waypoint: bool = False,
+        velocity_limit: str = "clip",
     ):
         if not 2 <= num_objects <= MAX_OBJECTS:
             raise ValueError(f"num_objects must be in [2, {MAX_OBJECTS}], got {num_objects}")
@@ -533,6 +542,8 @@ class VLReach:
             raise ValueError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
         if progress_distance not in PROGRESS_DISTANCES:
             raise ValueError(f"progress_distance must be one of {PROGRESS_DISTANCES}, got {progress_distance!r}")
+        if velocity_limit not in VELOCITY_LIMITS:
+            raise ValueError(f"velocity_limit must be one of {VELOCITY_LIMITS}, got {velocity_limit!r}")
         if max_speed <= 0:
             raise ValueError(f"max_speed must be > 0, got {max_speed}")
         cell_half = 0.5 / GRID_CELLS
@@ -561,6 +572,7 @@ class VLReach:
         self.templates = tuple(TEMPLATES if templates is None else templates)
         self.privileged_target = bool(privileged_target)
         self.privileged_waypoint = bool(privileged_waypoint)
+        self.velocity_limit = str(velocity_limit)
         self._template_ids, self._template_mask = compile_templates(self.templates, self.instruction_length)
 
     def config(self) -> dict:
@@ -573,7 +585,7 @@ class VLReach:
             progress_scale=self.progress_scale, action_cost=self.action_cost, success_bonus=self.success_bonus,
             wrong_object_penalty=self.wrong_object_penalty, progress_distance=self.progress_distance,
             templates=list(self.templates), privileged_target=self.privileged_target,
-            privileged_waypoint=self.privileged_waypoint,
+            privileged_waypoint=self.privileged_waypoint, velocity_limit=self.velocity_limit,
         )
 
     def _config(self) -> tuple:
@@ -664,7 +676,7 @@ class VLReach:
 
     def step(self, state: VLReachState, action: jax.Array) -> tuple[VLReachState, TimeStep]:
         """Move the effector by the commanded velocity; reward, touch and time limit."""
-        action = jnp.clip(jnp.asarray(action, jnp.float32).reshape(self.action_dim), -1.0, 1.0)
+        action = self.applied_action(action)
         velocity = action[:2]
         lo, hi = self.effector_bounds
         effector = jnp.clip(state.effector + self.max_speed * velocity, lo, hi)
@@ -684,6 +696,14 @@ class VLReach:
         truncated = new.time >= self._max_episode_steps
         info = {"success": success, "wrong_object": wrong}
         return new, TimeStep(self.observe(new), reward, touching, truncated, info)
+
+    def applied_action(self, action: jax.Array) -> jax.Array:
+        """The command the step executes: `action` brought into the box [-1, 1]^action_dim (`velocity_limit`)."""
+        action = jnp.asarray(action, jnp.float32).reshape(self.action_dim)
+        if self.velocity_limit == "clip":
+            return jnp.clip(action, -1.0, 1.0)
+        velocity = action[:2] / jnp.maximum(1.0, jnp.max(jnp.abs(action[:2])))
+        return jnp.concatenate([velocity, jnp.clip(action[2:], -1.0, 1.0)])
 
     # ------------------------------------------------------------------ expert & helpers
 
