@@ -48,6 +48,7 @@ Actions and dynamics
   speed) is clipped onto the diagonal, and the reward then no longer depends
   on the direction of that mean, so PPO gets no gradient to steer it; scaled,
   the direction always counts. Commands inside the box move the same way.
+  (On the fine-tuning example it did not lift success overall: README.)
 
 Reward (per step)
   progress_scale * (d_prev - d_new)    d = effector-to-target distance (below)
