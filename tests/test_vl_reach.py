@@ -318,6 +318,9 @@ def test_velocity_limit_moves_the_effector_as_documented(limit):
     moved, ts = step(state, jnp.asarray(command))
     np.testing.assert_allclose(np.asarray(moved.effector), 0.5 + env.max_speed * expected[:2], atol=1e-6)
     np.testing.assert_allclose(np.asarray(ts.obs["proprio"])[2:], expected[:2], atol=1e-6)
+    # the extra entry pays the action cost of its clipped value (-4 costs what -1 does)
+    _, at_bound = step(state, jnp.asarray([3.0, 1.5, -1.0]))
+    assert float(ts.reward) == pytest.approx(float(at_bound.reward), abs=1e-6)
     inside, _ = step(state, jnp.asarray([0.3, -0.6, 0.2]))
     np.testing.assert_allclose(np.asarray(inside.effector), [0.5 + 0.3 * env.max_speed, 0.5 - 0.6 * env.max_speed], atol=1e-6)
     with pytest.raises(ValueError, match="velocity_limit"):
