@@ -31,6 +31,7 @@ from jaxrl_vla.envs.vl_reach import (
     tokenizer,
     word_id,
 )
+from jaxrl_vla.tasks.demos import expert_act_fn, run_episodes
 
 RED, GREEN, BLUE, YELLOW = range(4)
 SQUARE, CIRCLE, TRIANGLE = range(3)
@@ -263,11 +264,12 @@ def test_path_progress_reward_measures_the_route_around_other_objects():
         VLReach(progress_distance="geodesic")
 
 
-def test_path_progress_rewards_the_expert_step_best():
+@pytest.mark.parametrize("detour_bias", [0.0, 0.1])
+def test_path_progress_rewards_the_expert_step_best(detour_bias):
     """Over random scenes, no step as long as the expert's, in 32 directions, makes more path progress than
-    the expert's (it follows the shortest path), while under the line reward some step beats it where the
-    path bends."""
-    env = VLReach(progress_distance="path", image_size=16)
+    the expert's (it follows the route whose cost the reward measures, detour_bias included), while under
+    the line reward some step beats it where the path bends."""
+    env = VLReach(progress_distance="path", image_size=16, detour_bias=detour_bias)
     line_env = VLReach(image_size=16)
     angles = 2 * np.pi * np.arange(32) / 32
     directions = jnp.asarray(np.stack([np.cos(angles), np.sin(angles)], -1), jnp.float32)
@@ -282,6 +284,105 @@ def test_path_progress_rewards_the_expert_step_best():
     line_expert, line_others = jax.device_get(jax.jit(jax.vmap(lambda s: rewards(line_env, s)))(states))
     assert (expert >= others.max(axis=1) - 1e-3).mean() >= 0.97  # measured 127/128
     assert (line_expert < line_others.max(axis=1) - 5e-3).sum() >= 3  # measured 4/128 (few paths bend at reset)
+
+
+def detour_scene(env: VLReach, offset: float):
+    """Effector, then a blue circle in the way `offset` below the straight line (image y points down), then
+    the red square target, left to right across the table's middle."""
+    return env.state_from_layout([(0.85, 0.5), (0.5, 0.5 + offset)], [RED, BLUE], [SQUARE, CIRCLE], 0, (0.15, 0.5))
+
+
+def test_detour_bias_passes_an_object_in_the_way_on_one_side():
+    """Two scenes a hair apart: the shortest path passes the object on opposite sides, the biased expert on the
+    same one (the object's right side: below it, heading right) until the other side is shorter by more
+    than the bias; the route's cost (the path reward's distance) includes the bias where the route bends left."""
+    plain = VLReach(num_objects=2, progress_distance="path")
+    biased = VLReach(num_objects=2, progress_distance="path", detour_bias=0.1)
+    plan = jax.jit(lambda env, offset: env.target_plan(detour_scene(env, offset)), static_argnums=0)
+
+    def side(env, offset):  # > 0: the first waypoint lies below the line (the traveller's right)
+        return float(plan(env, offset).waypoint[1]) - 0.5
+
+    def length(env, offset):
+        return float(plan(env, offset).length)
+
+    assert side(plain, 0.01) < 0 < side(plain, -0.01)
+    assert side(biased, 0.01) > 0 and side(biased, -0.01) > 0
+    assert length(biased, -0.01) == pytest.approx(length(plain, -0.01), abs=1e-6)  # its side is the shortest
+    assert length(plain, 0.01) < length(biased, 0.01) < length(plain, 0.01) + 0.1  # the longer side, no bias
+    # 0.1 below the line the right side is 0.098 longer: within a bias of 0.1, beyond one of 0.05, where the
+    # route bends left and pays the bias.
+    assert side(biased, 0.1) > 0 and length(biased, 0.1) < length(plain, 0.1) + 0.1
+    small = VLReach(num_objects=2, progress_distance="path", detour_bias=0.05)
+    assert side(small, 0.1) < 0
+    assert length(small, 0.1) == pytest.approx(length(plain, 0.1) + 0.05, abs=1e-5)
+    # The expert drives that route: below the object, to the target.
+    state, step = detour_scene(biased, 0.01), jax.jit(biased.step)
+    lowest = 0.0
+    for _ in range(30):
+        state, ts = step(state, biased.expert_action(state))
+        lowest = max(lowest, float(state.effector[1]))
+        if bool(ts.terminated):
+            break
+    assert bool(ts.info["success"]) and lowest > 0.6
+    with pytest.raises(ValueError, match="detour_bias"):
+        VLReach(detour_bias=-0.1)
+
+
+def test_biased_expert_succeeds_and_keeps_its_side():
+    """Random scenes (k = 4): with detour_bias 0.1 the expert still succeeds, and where an object stands in the
+    way at reset its first waypoint lies on the line's right far more often than the shortest path's (measured
+    on 4,096 scenes: 92% against 50%; expert success 99.1% on 2,048 episodes)."""
+    biased = VLReach(num_objects=4, image_size=16, max_episode_steps=50, progress_distance="path", detour_bias=0.1)
+    plain = VLReach(num_objects=4, image_size=16, max_episode_steps=50, progress_distance="path")
+    keys = jax.random.split(jax.random.PRNGKey(11), 512)
+    success = run_to_goals(biased, keys, jax.vmap(lambda k: biased.reset(k)[0].target)(keys))
+    assert success.mean() >= 0.97, success.mean()
+
+    def first_leg(env, key):
+        state, _ = env.reset(key)
+        target = state.object_pos[state.target]
+        heading, leg = target - state.effector, env.target_plan(state).waypoint - state.effector
+        blocked = jnp.linalg.norm(env.target_plan(state).waypoint - target) > 1e-4
+        return blocked, heading[0] * leg[1] - heading[1] * leg[0] > 0
+
+    for env, low, high in ((plain, 0.35, 0.65), (biased, 0.85, 1.0)):
+        blocked, right = jax.device_get(jax.jit(jax.vmap(lambda k: first_leg(env, k)))(keys))
+        assert blocked.sum() > 60  # ~21% of scenes
+        assert low <= right[blocked].mean() <= high, (env.detour_bias, right[blocked].mean())
+
+
+def test_detour_margin_keeps_the_route_clear_and_robust_to_noisy_actions():
+    """detour_margin: the expert's route keeps half the margin outside the touch radius of the object it goes
+    around, and a wider margin is what lets imprecise actions (the expert's plus N(0, 0.3)) still get round
+    it (measured on 4,096 episodes: 63% at 0.02, 96% at 0.08 in scenes that start blocked)."""
+    def closest_approach(env):
+        state, step, closest = detour_scene(env, 0.01), jax.jit(env.step), 1.0
+        for _ in range(40):
+            state, ts = step(state, env.expert_action(state))
+            closest = min(closest, float(jnp.linalg.norm(state.effector - state.object_pos[1])))
+            if bool(ts.terminated):
+                break
+        assert bool(ts.info["success"])
+        return closest
+
+    tight, wide = (VLReach(num_objects=2, progress_distance="path", detour_bias=0.1, detour_margin=m) for m in (0.02, 0.08))
+    assert tight.touch_radius + 0.01 - 1e-4 <= closest_approach(tight) < tight.touch_radius + 0.04
+    assert closest_approach(wide) >= wide.touch_radius + 0.04 - 1e-4
+
+    def blocked_success(env, noise):
+        keys = jax.random.split(jax.random.PRNGKey(7), 512)
+        rec = jax.jit(lambda k: run_episodes(env, expert_act_fn(env, noise), k))(keys)
+        start, _ = jax.vmap(lambda k: env.reset(jax.random.split(k, 2)[0]))(keys)
+        target = start.object_pos[jnp.arange(512), start.target]
+        blocked = np.asarray(jnp.linalg.norm(jax.vmap(env.target_plan)(start).waypoint - target, axis=-1) > 1e-4)
+        return np.asarray(rec["success"] & rec["valid"]).any(axis=1)[blocked].mean()
+
+    tight4, wide4 = (VLReach(num_objects=4, image_size=16, progress_distance="path", detour_bias=0.1, detour_margin=m)
+                     for m in (0.02, 0.08))
+    assert blocked_success(tight4, 0.3) < 0.8 < 0.9 < blocked_success(wide4, 0.3)
+    with pytest.raises(ValueError, match="detour_margin"):
+        VLReach(detour_margin=0.0)
 
 
 def test_time_limit_truncates_without_terminating():
