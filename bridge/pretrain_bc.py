@@ -48,10 +48,12 @@ instruction-first trunk grounding arrives late and at once: on the shortest-
 path expert's demos, held-out action MSE 0.34, 0.23, 0.12 after epochs 1-3 of
 a 3-epoch run (63.3% success), and 0.24 -> 0.07 -> 0.05 over epochs 2-4 of a
 4-epoch run (79.3%), so the default is 3 epochs. On the demos of ENV_KWARGS'
-detour_bias expert (99,335 steps, 17% more), 0.41, 0.29, 0.21 and 71.9%
-success (256 episodes; 75.1% on 1,024): the checkpoint now finds the way
-round an object in its path in 24% of the scenes that need it, against 11%
-when cloned from the shortest-path expert, whose side there is a coin toss.
+expert (detour_bias 0.1, detour_margin 0.08; 99,393 steps, 17% more), 0.43,
+0.37, 0.24 and 67.2% success (256 episodes; 65.0% on 1,024, 22% of them in
+the 27% of scenes that start with an object in the way). With detour_bias
+alone (margin 0.02): 0.41, 0.29, 0.21, 71.9% (75.1%; 24% in the 21% of
+scenes that need a detour, against 11% cloned from the shortest-path expert,
+whose side there is a coin toss).
 """
 
 from __future__ import annotations
