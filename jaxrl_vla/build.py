@@ -62,7 +62,7 @@ def build_env(env_cfg: dict) -> Any:
         raise ConfigError(f"env: {name} rejected its arguments: {err}") from None
 
 
-INTEGER_FIELDS = ("n_epochs", "batch_size")
+INTEGER_FIELDS = ("n_epochs", "batch_size", "lr_warmup_steps")
 
 
 def build_algorithm(algo_cfg: dict) -> PPOConfig:

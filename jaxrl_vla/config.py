@@ -88,6 +88,7 @@ SCHEMA: dict[str, Any] = {
         "cfg": {
             "learning_rate": Field((int, float), 3e-4, "Adam step size", _pos, "> 0"),
             "lr_schedule": Field(str, "constant", "learning-rate schedule over all gradient steps (linear and cosine decay to 0)", *_SCHEDULE),
+            "lr_warmup_steps": Field(int, 0, "gradient steps over which the learning rate rises linearly from 0 before lr_schedule (which then spans the remaining steps); fine-tuning a pretrained policy wants it: Adam's first steps are about lr in size whatever the gradient", _nonneg, ">= 0"),
             "gamma": Field((int, float), 0.99, "discount factor", _unit, "in [0, 1]"),
             "gae_lambda": Field((int, float), 0.95, "GAE lambda", _unit, "in [0, 1]"),
             "n_epochs": Field(int, 10, "passes over each rollout", _pos, "> 0"),

@@ -129,6 +129,20 @@ def test_learning_rate_schedules(schedule, end):
     assert float(fn(100)) == pytest.approx(end, abs=1e-9)
 
 
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_learning_rate_warmup_then_schedule(schedule):
+    """lr_warmup_steps: 0 -> lr linearly over the warm-up, then the schedule over the remaining steps, against
+    the formulas written out here."""
+    cfg = ppo.PPOConfig(learning_rate=1e-3, lr_schedule=schedule, lr_warmup_steps=20)
+    fn = ppo.learning_rate_schedule(cfg, 100)
+    decay = {"constant": lambda t: 1e-3, "linear": lambda t: 1e-3 * (1 - t / 80),
+             "cosine": lambda t: 1e-3 * 0.5 * (1 + np.cos(np.pi * t / 80))}[schedule]
+    for step in (0, 5, 10, 19):
+        assert float(fn(step)) == pytest.approx(1e-3 * step / 20, abs=1e-9), step
+    for step in (20, 40, 79, 100):
+        assert float(fn(step)) == pytest.approx(decay(min(step, 100) - 20), abs=1e-9), step
+
+
 def test_chunked_policy_scores_the_executed_step():
     """A chunk policy returns [B, H] values/dist; the loss picks chunk_index."""
     mean = jnp.array([[[0.0], [1.0], [2.0]]])  # B=1, H=3, A=1

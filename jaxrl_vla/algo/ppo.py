@@ -34,6 +34,7 @@ class PPOConfig:
 
     learning_rate: float = struct.field(pytree_node=False, default=3e-4)
     lr_schedule: str = struct.field(pytree_node=False, default="constant")
+    lr_warmup_steps: int = struct.field(pytree_node=False, default=0)
     gamma: float = 0.99
     gae_lambda: float = 0.95
     n_epochs: int = struct.field(pytree_node=False, default=10)
@@ -195,15 +196,29 @@ def explained_variance(predicted: jax.Array, target: jax.Array) -> jax.Array:
 
 
 def learning_rate_schedule(cfg: PPOConfig, total_gradient_steps: int) -> optax.Schedule:
-    """constant | linear (to 0, as SB3/CleanRL anneal) | cosine (to 0)."""
-    steps = max(int(total_gradient_steps), 1)
+    """constant | linear (to 0, as SB3/CleanRL anneal) | cosine (to 0), after `lr_warmup_steps` of linear
+    warm-up from 0 (the decay then spans the remaining steps).
+
+    Why warm-up: Adam's first steps move every parameter by about the learning
+    rate whatever the gradient's size, and from a pretrained policy that is a
+    jump PPO's clipping does not stop (its momentum carries on). Measured on
+    the VLA example at lr 1e-3: the first iteration's approx KL was 2.0 (3.0
+    without the auxiliary loss) and the rollouts' success fell from 71% to 50%
+    (18%) within 3 iterations, before PPO climbed back.
+    """
+    warmup = max(int(cfg.lr_warmup_steps), 0)
+    steps = max(int(total_gradient_steps) - warmup, 1)
     if cfg.lr_schedule == "constant":
-        return optax.constant_schedule(cfg.learning_rate)
-    if cfg.lr_schedule == "linear":
-        return optax.linear_schedule(cfg.learning_rate, 0.0, steps)
-    if cfg.lr_schedule == "cosine":
-        return optax.cosine_decay_schedule(cfg.learning_rate, steps)
-    raise ValueError(f"algorithm.cfg.lr_schedule must be constant, linear or cosine, got {cfg.lr_schedule!r}")
+        decay = optax.constant_schedule(cfg.learning_rate)
+    elif cfg.lr_schedule == "linear":
+        decay = optax.linear_schedule(cfg.learning_rate, 0.0, steps)
+    elif cfg.lr_schedule == "cosine":
+        decay = optax.cosine_decay_schedule(cfg.learning_rate, steps)
+    else:
+        raise ValueError(f"algorithm.cfg.lr_schedule must be constant, linear or cosine, got {cfg.lr_schedule!r}")
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, warmup), decay], [warmup])
 
 
 def make_optimizer(cfg: PPOConfig, total_gradient_steps: int, trainable_mask: Any = None) -> optax.GradientTransformation:
