@@ -497,10 +497,11 @@ def plan_path(
     to_goal = jax.lax.fori_loop(0, hops, lambda _, d: jnp.minimum(d, jnp.min(weight + d[None, :], axis=1)), to_goal)
     # An effector already inside the margin band may still leave it: relax its own clearance.
     own = jnp.minimum(clear_radius, jnp.linalg.norm(effector - obstacles, axis=-1) - 1e-4)
-    away = jnp.linalg.norm(nodes - effector, axis=-1) + side_bias * bends_left(effector[None], nodes, goal)
+    away = jnp.linalg.norm(nodes - effector, axis=-1)
     visible = segments_clear(effector[None], nodes, obstacles, blocking, own) & node_ok
     visible = visible & ((away > 1e-5) | (jnp.arange(count) == 0))  # never "head" for where it already is
-    total = jnp.where(visible, away + to_goal, jnp.inf)
+    first_leg = away + side_bias * bends_left(effector[None], nodes, goal)
+    total = jnp.where(visible, first_leg + to_goal, jnp.inf)
     best = jnp.argmin(total)
     after = jnp.argmin(weight[best] + to_goal)  # the node after the waypoint (the goal: itself)
     found = jnp.isfinite(total[best])
