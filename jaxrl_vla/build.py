@@ -115,13 +115,24 @@ def trainer_kwargs(cfg: dict) -> dict:
     )
 
 
+def build_lr_scales(policy_cfg: dict, params: Any) -> Any:
+    """Per-parameter learning-rate multipliers from `policy.lr_scale` (None when it is empty)."""
+    if not policy_cfg.get("lr_scale"):
+        return None
+    if policy_cfg["name"] != "vla":
+        raise ConfigError("policy.lr_scale: only policy.name 'vla' (named, pretrained modules) takes per-module rates")
+    from jaxrl_vla.models.vla_policy import learning_rate_scales
+
+    return learning_rate_scales(params, policy_cfg["lr_scale"])
+
+
 def build_trainer(cfg: dict) -> Any:
     """The Trainer (standard) or AsyncTrainer (vla) that the config describes."""
     env = build_env(cfg["env"])
     algorithm = build_algorithm(cfg["algorithm"])
     policy, params, mask = build_policy(cfg["policy"], env)
     kwargs = trainer_kwargs(cfg)
-    common = dict(init_params=params, trainable_mask=mask, config=cfg)
+    common = dict(init_params=params, trainable_mask=mask, lr_scales=build_lr_scales(cfg["policy"], params), config=cfg)
     if cfg["trainer"]["buffer_type"] == "vla" or getattr(env, "is_host_env", False):
         from jaxrl_vla.training.async_trainer import AsyncTrainer
 

@@ -221,3 +221,91 @@ def test_trainer_with_frozen_vision_learns_the_same_from_cached_features(tmp_pat
     transitions = jax.jit(rollout)(s.params, None, s.env_state, s.obs, jax.random.PRNGKey(0), s.iteration)[2]
     assert IMAGE_FEATURES_KEY in transitions.obs and "rgb" not in transitions.obs
     assert transitions.obs[IMAGE_FEATURES_KEY].shape[:2] == (2, 4)
+
+
+def test_lr_scale_takes_the_longest_matching_prefix_and_leaves_the_rest_at_one():
+    from jaxrl_vla.models.vla_policy import learning_rate_scales
+
+    _, params, _ = build_vla_policy(policy_cfg(), FakeEnv())
+    scales = traverse_util.flatten_dict(
+        learning_rate_scales(params, {"language": 0.1, "language/h_0/attn": 0.5, "action_mean/": 2.0}), sep="/")
+    for path, scale in scales.items():
+        inner = path.split("/", 2)[2]  # past "params/model/" (or "batch_stats/model/")
+        want = (0.5 if inner.startswith("language/h_0/attn/") else 0.1 if inner.startswith("language/")
+                else 2.0 if inner.startswith("action_mean/") else 1.0)
+        assert scale == want, path
+    assert {v for k, v in scales.items() if k.startswith("params/model/language/")} == {0.1, 0.5}
+    with pytest.raises(ConfigError, match="policy.lr_scale: 'langauge' matches no parameter"):
+        learning_rate_scales(params, {"langauge": 0.1})
+    with pytest.raises(ConfigError, match="policy.lr_scale: 'language/h_0/at' matches no parameter"):
+        learning_rate_scales(params, {"language/h_0/at": 0.1})  # whole path components only
+
+
+def test_lr_scales_multiply_each_leafs_adam_step_and_keep_frozen_leaves_still():
+    from jaxrl_vla.models.vla_policy import learning_rate_scales
+
+    policy, params, mask = build_vla_policy(policy_cfg(freeze=["vision"]), FakeEnv())
+    scales = learning_rate_scales(params, {"language": 0.25, "action_mean": 3.0})
+    algo = ppo.PPOConfig(learning_rate=1e-2, max_grad_norm=1.0)
+    plain, scaled = ppo.make_optimizer(algo, 10, mask), ppo.make_optimizer(algo, 10, mask, scales)
+    grads = [jax.tree_util.tree_map(lambda p, i=i: jax.random.normal(jax.random.PRNGKey(i), p.shape), params)
+             for i in range(3)]
+    plain_state, scaled_state = plain.init(params), scaled.init(params)
+    for g in grads:  # three steps: the Adam moments do not depend on the scales
+        want, plain_state = plain.update(g, plain_state, params)
+        got, scaled_state = scaled.update(g, scaled_state, params)
+        flat_want, flat_got = traverse_util.flatten_dict(want, sep="/"), traverse_util.flatten_dict(got, sep="/")
+        flat_scale = traverse_util.flatten_dict(scales, sep="/")
+        for path in flat_want:
+            np.testing.assert_allclose(np.asarray(flat_got[path]), flat_scale[path] * np.asarray(flat_want[path]),
+                                       rtol=1e-6, err_msg=path)
+            if path.startswith(("params/model/vision/", "batch_stats/")):
+                assert not np.any(np.asarray(flat_got[path])), path
+        assert np.any(np.asarray(flat_got["params/model/action_mean/kernel"]))
+
+
+def test_trainer_applies_policy_lr_scale(tmp_path):
+    """From the config to the update: one Adam step moves the scaled modules by the scale x the plain step."""
+    from jaxrl_vla.build import build_trainer
+    from jaxrl_vla.config import load_config
+
+    overrides = [
+        "trainer.num_envs=4", "trainer.buffer_size=4", "trainer.iterations=1", "trainer.eval_freq=0",
+        "trainer.save_freq=0", "algorithm.cfg.batch_size=16", "algorithm.cfg.n_epochs=1", 'policy.freeze=["vision"]',
+        "algorithm.cfg.lr_schedule=constant",
+        "policy.vla_config.model_config.vision_embedding_size=8", "policy.vla_config.model_config.vision_hidden_sizes=[8, 8]",
+        "policy.vla_config.model_config.n_layer=1",
+    ]
+    moves = {}
+    for name, extra in (("plain", []), ("scaled", ['policy.lr_scale={"language": 0.25, "value_fc": 4}'])):
+        trainer = build_trainer(load_config("configs/vla_example/scratch_config.json",
+                                            overrides + [f"trainer.output_dir={tmp_path / name}"] + extra))
+        start = traverse_util.flatten_dict(jax.tree_util.tree_map(np.asarray, trainer.init_params), sep="/")
+        trainer.train()
+        end = traverse_util.flatten_dict(trainer.state.params, sep="/")
+        moves[name] = {k: np.asarray(end[k], np.float64) - start[k] for k in start if k.startswith("params/")}
+    for path, plain in moves["plain"].items():
+        inner = path.removeprefix("params/model/")
+        scale = 0.25 if inner.startswith("language/") else 4.0 if inner.startswith("value_fc/") else 1.0
+        rounding = 4 * np.finfo(np.float32).eps * np.max(np.abs(start[path]))  # of the float32 weights themselves
+        np.testing.assert_allclose(moves["scaled"][path], scale * plain, rtol=1e-4, atol=rounding, err_msg=path)
+    assert np.max(np.abs(moves["plain"]["params/model/language/h_0/attn/c_attn/kernel"])) > 1e-5
+
+
+@pytest.mark.parametrize("override,message", [
+    ('policy.lr_scale={"language": 0}', "policy.lr_scale"),
+    ('policy.lr_scale={"language": "fast"}', "policy.lr_scale"),
+])
+def test_bad_lr_scale_values_are_config_errors(override, message):
+    from jaxrl_vla.config import load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config("configs/vla_example/scratch_config.json", [override])
+
+
+def test_lr_scale_on_an_mlp_policy_is_a_config_error():
+    from jaxrl_vla.build import build_lr_scales
+
+    with pytest.raises(ConfigError, match="policy.lr_scale: only policy.name 'vla'"):
+        build_lr_scales({"name": "actor_critic", "lr_scale": {"pi": 0.5}}, None)
+    assert build_lr_scales({"name": "vla", "lr_scale": {}}, None) is None

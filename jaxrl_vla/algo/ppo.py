@@ -221,21 +221,29 @@ def learning_rate_schedule(cfg: PPOConfig, total_gradient_steps: int) -> optax.S
     return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, warmup), decay], [warmup])
 
 
-def make_optimizer(cfg: PPOConfig, total_gradient_steps: int, trainable_mask: Any = None) -> optax.GradientTransformation:
+def make_optimizer(
+    cfg: PPOConfig, total_gradient_steps: int, trainable_mask: Any = None, lr_scales: Any = None
+) -> optax.GradientTransformation:
     """Global-norm clipping, then Adam with the schedule.
 
     `trainable_mask` (a pytree of bools shaped like the params) freezes the
     False leaves: their updates are exactly zero, so frozen weights stay
-    bit-identical and carry no Adam moments.
+    bit-identical and carry no Adam moments. `lr_scales` (a pytree of floats
+    shaped like the params, e.g. from `policy.lr_scale`) multiplies each leaf's
+    step: per-module learning rates that share one clip, one schedule and one
+    Adam (its moments do not depend on the rate).
     """
     tx = optax.chain(
         optax.clip_by_global_norm(cfg.max_grad_norm),
         optax.adam(learning_rate_schedule(cfg, total_gradient_steps), eps=1e-5),
     )
-    if trainable_mask is None:
-        return tx
-    labels = jax.tree_util.tree_map(lambda t: "train" if t else "freeze", trainable_mask)
-    return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+    if trainable_mask is not None:
+        labels = jax.tree_util.tree_map(lambda t: "train" if t else "freeze", trainable_mask)
+        tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+    if lr_scales is not None:
+        tx = optax.chain(tx, optax.stateless(lambda updates, params=None: jax.tree_util.tree_map(
+            lambda update, scale: update * scale, updates, lr_scales)))
+    return tx
 
 
 # --------------------------------------------------------------------------- update

@@ -102,6 +102,18 @@ def unwrap_variables(policy_variables: dict) -> dict:
     return {collection: tree[MODEL] for collection, tree in policy_variables.items()}
 
 
+def _inner_path(collection_path: str) -> tuple[str, str]:
+    """"params/model/language/h_0/..." -> ("params", "language/h_0/..."): the collection and the path
+    inside the model (the auxiliary head's parameters read "auxiliary_head/...")."""
+    collection, _, rest = collection_path.partition("/")
+    return collection, rest.removeprefix(MODEL + "/")
+
+
+def _under(inner: str, prefix: str) -> bool:
+    """Whether parameter path `inner` is `prefix` or lies below it (whole path components only)."""
+    return inner == prefix or inner.startswith(prefix.rstrip("/") + "/")
+
+
 def trainable_mask(variables: dict, freeze_prefixes: list[str]) -> dict:
     """True for parameters the optimiser may change.
 
@@ -109,14 +121,30 @@ def trainable_mask(variables: dict, freeze_prefixes: list[str]) -> dict:
     a "params" leaf is frozen when its path inside the model ("vision/...",
     "language/h_0/...") starts with one of `freeze_prefixes`.
     """
-    flat = traverse_util.flatten_dict(variables, sep="/")
     mask = {}
-    for path, _ in flat.items():
-        collection, _, rest = path.partition("/")
-        inner = rest.removeprefix(MODEL + "/")
-        frozen = collection != "params" or any(inner == p or inner.startswith(p.rstrip("/") + "/") for p in freeze_prefixes)
-        mask[path] = not frozen
+    for path in traverse_util.flatten_dict(variables, sep="/"):
+        collection, inner = _inner_path(path)
+        mask[path] = collection == "params" and not any(_under(inner, p) for p in freeze_prefixes)
     return traverse_util.unflatten_dict(mask, sep="/")
+
+
+def learning_rate_scales(variables: dict, lr_scale: dict[str, float]) -> dict:
+    """Per-leaf learning-rate multipliers (a tree shaped like `variables`) from `policy.lr_scale`.
+
+    Why: the step that suits a freshly initialised head is far too large for a
+    pretrained transformer whose weights are ~0.01-0.04 (Adam moves every
+    weight by about the lr per step, whatever its scale). The longest prefix
+    that matches a parameter's path inside the model sets its multiplier, so
+    {"language": 0.1, "language/h_3": 1.0} gives the last block the full rate;
+    unmatched leaves keep 1.0.
+    """
+    _check_prefixes(variables, list(lr_scale), "policy.lr_scale")
+    by_length = sorted(lr_scale.items(), key=lambda item: len(item[0].rstrip("/")), reverse=True)
+    scales = {}
+    for path in traverse_util.flatten_dict(variables, sep="/"):
+        _, inner = _inner_path(path)
+        scales[path] = next((float(scale) for prefix, scale in by_length if _under(inner, prefix)), 1.0)
+    return traverse_util.unflatten_dict(scales, sep="/")
 
 
 def freeze_prefixes(policy_cfg: dict, model_config: dict) -> list[str]:
@@ -139,13 +167,14 @@ def _check_action_dim(policy_cfg: dict, model_config: dict, env: Any) -> None:
         raise ConfigError(f"policy.action_dim ({policy_cfg['action_dim']}) != the env's action dimension ({env_dim})")
 
 
-def _check_freeze_paths(variables: dict, prefixes: list[str]) -> None:
-    params = traverse_util.flatten_dict(variables.get("params", {}), sep="/")
-    inner = [p.removeprefix(MODEL + "/") for p in params]
+def _check_prefixes(variables: dict, prefixes: list[str], field: str) -> None:
+    """ConfigError naming `field` and the prefix when a prefix matches no parameter (a typo would
+    otherwise freeze or rescale nothing, silently)."""
+    inner = [_inner_path(path)[1] for path in traverse_util.flatten_dict(variables, sep="/") if path.startswith("params/")]
     for prefix in prefixes:
-        if not any(p == prefix or p.startswith(prefix.rstrip("/") + "/") for p in inner):
+        if not any(_under(p, prefix) for p in inner):
             tops = sorted({p.split("/")[0] for p in inner})
-            raise ConfigError(f"policy.freeze: {prefix!r} matches no parameter; top-level paths: {', '.join(tops)}")
+            raise ConfigError(f"{field}: {prefix!r} matches no parameter; top-level paths: {', '.join(tops)}")
 
 
 def build_vla_policy(policy_cfg: dict, env: Any) -> tuple[VLAPolicy, dict, dict | None]:
@@ -187,7 +216,7 @@ def build_vla_policy(policy_cfg: dict, env: Any) -> tuple[VLAPolicy, dict, dict 
     if targets:
         policy, variables = add_auxiliary_head(policy, variables, targets, env)
     prefixes = freeze_prefixes(policy_cfg, model_config)
-    _check_freeze_paths(variables, prefixes)
+    _check_prefixes(variables, prefixes, "policy.freeze")
     return policy, variables, trainable_mask(variables, prefixes)
 
 

@@ -364,7 +364,7 @@ class AsyncTrainer(Trainer):
     def _build(self, total_iterations: int) -> None:
         num_minibatches = self.cfg.num_minibatches(self.samples_per_iteration)
         total_grad_steps = total_iterations * self.cfg.n_epochs * num_minibatches
-        self.optimizer = ppo.make_optimizer(self.cfg, total_grad_steps, self.trainable_mask)
+        self.optimizer = ppo.make_optimizer(self.cfg, total_grad_steps, self.trainable_mask, self.lr_scales)
         apply_fn = self.policy.apply
 
         def act(params, obs_stats, obs, key, counter, deterministic=False):

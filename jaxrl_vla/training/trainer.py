@@ -187,6 +187,7 @@ class Trainer:
         exp_name: str = "run",
         normalize_observations: bool = False,
         trainable_mask: Any = None,
+        lr_scales: Any = None,
         init_params: Any = None,
         config: dict | None = None,
         progress: bool = True,
@@ -216,6 +217,7 @@ class Trainer:
         self.exp_name = exp_name
         self.normalize_observations = normalize_observations
         self.trainable_mask = trainable_mask
+        self.lr_scales = lr_scales
         self.init_params = init_params
         self.config = config or {}
         self.progress = progress
@@ -265,7 +267,7 @@ class Trainer:
     def _build(self, total_iterations: int) -> None:
         num_minibatches = self.cfg.num_minibatches(self.samples_per_iteration)
         total_grad_steps = total_iterations * self.cfg.n_epochs * num_minibatches
-        self.optimizer = ppo.make_optimizer(self.cfg, total_grad_steps, self.trainable_mask)
+        self.optimizer = ppo.make_optimizer(self.cfg, total_grad_steps, self.trainable_mask, self.lr_scales)
         apply_fn = self.policy.apply
         # a frozen vision encoder runs once per collected sample, not once per epoch (raw obs only)
         obs_encoder = None if self.normalize_observations else frozen_vision_encoder(self.policy, self.trainable_mask)
