@@ -147,6 +147,32 @@ def test_mirror_augmentation_labels_are_the_experts_in_the_mirrored_scene():
     assert label[1] > 0.3 and mirrored_label[1] < -0.3  # heading left, its right side is above: not -x of the label
 
 
+def test_detour_oversampling_repeats_the_rows_of_episodes_whose_route_bends():
+    """`--detour-weight K`: an epoch holds each detour episode's rows K times and every other row once; which
+    episodes detour is read from the env's own route at reset (a hand-made scene with an object on the line
+    bends, the same scene with the object moved aside does not)."""
+    import jax
+
+    from jaxrl_vla.envs.vl_reach import VLReach
+
+    episode_id = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 3])
+    rows = np.arange(len(episode_id))[:9]  # episode 3 held out
+    detour = np.array([False, True, False, True])
+    got = pretrain_bc.oversampled_rows(rows, episode_id, detour, 3)
+    counts = np.bincount(got, minlength=len(episode_id))
+    np.testing.assert_array_equal(counts, [1, 1, 1, 3, 3, 1, 1, 1, 1, 0])
+    np.testing.assert_array_equal(pretrain_bc.oversampled_rows(rows, episode_id, detour, 1), rows)
+    with pytest.raises(ValueError, match="--detour-weight must be >= 1"):
+        pretrain_bc.oversampled_rows(rows, episode_id, detour, 0)
+
+    env = VLReach(**{**pretrain_bc.ENV_KWARGS, "num_objects": 2})
+    in_the_way = env.state_from_layout([(0.85, 0.5), (0.5, 0.51)], [0, 2], [0, 1], 0, (0.15, 0.5))
+    aside = env.state_from_layout([(0.85, 0.5), (0.5, 0.85)], [0, 2], [0, 1], 0, (0.15, 0.5))
+    scenes = jax.tree_util.tree_map(lambda a, b: np.stack([np.asarray(a), np.asarray(b)]), in_the_way, aside)
+    np.testing.assert_array_equal(pretrain_bc.detour_episodes(scenes, env), [True, False])
+    assert pretrain_bc.check_args(pretrain_bc.parse_args(["--out", "x", "--detour-weight", "0"])) == "--detour-weight must be >= 1"
+
+
 def test_bc_is_deterministic_and_loadable(checkpoint, tmp_path):
     from bridge import load_vla_model
 

@@ -292,12 +292,6 @@ def detour_scene(env: VLReach, offset: float):
     return env.state_from_layout([(0.85, 0.5), (0.5, 0.5 + offset)], [RED, BLUE], [SQUARE, CIRCLE], 0, (0.15, 0.5))
 
 
-def blocked_at_reset(env: VLReach, states) -> jax.Array:
-    """bool [E]: the route to the target starts with a detour (the first waypoint is not the target)."""
-    target = states.object_pos[jnp.arange(states.target.shape[0]), states.target]
-    return jnp.linalg.norm(jax.vmap(env.target_plan)(states).waypoint - target, axis=-1) > 1e-4
-
-
 def test_detour_bias_passes_an_object_in_the_way_on_one_side():
     """Two scenes a hair apart: the shortest path passes the object on opposite sides, the biased expert on the
     same one (the object's right side: below it, heading right) until the other side is shorter by more
@@ -352,7 +346,7 @@ def test_biased_expert_succeeds_and_keeps_its_side():
 
     for env, low, high in ((plain, 0.35, 0.65), (biased, 0.85, 1.0)):
         states = jax.vmap(lambda k: env.reset(k)[0])(keys)
-        blocked = np.asarray(blocked_at_reset(env, states))
+        blocked = np.asarray(jax.vmap(env.route_detours)(states))
         right = np.asarray(jax.vmap(lambda s: first_leg_goes_right(env, s))(states))
         assert blocked.sum() > 60  # ~21% of scenes
         assert low <= right[blocked].mean() <= high, (env.detour_bias, right[blocked].mean())
@@ -380,7 +374,7 @@ def test_detour_margin_keeps_the_route_clear_and_robust_to_noisy_actions():
         keys = jax.random.split(jax.random.PRNGKey(7), 512)
         rec = jax.jit(lambda k: run_episodes(env, expert_act_fn(env, noise), k))(keys)
         start, _ = jax.vmap(lambda k: env.reset(jax.random.split(k, 2)[0]))(keys)  # run_episodes' resets
-        blocked = np.asarray(blocked_at_reset(env, start))
+        blocked = np.asarray(jax.vmap(env.route_detours)(start))
         return np.asarray(rec["success"] & rec["valid"]).any(axis=1)[blocked].mean()
 
     tight4, wide4 = (VLReach(num_objects=4, image_size=16, progress_distance="path", detour_bias=0.1, detour_margin=m)

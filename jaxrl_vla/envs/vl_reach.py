@@ -779,6 +779,11 @@ class VLReach:
         return plan_path(state.effector, state.object_pos[state.target], state.object_pos, blocking,
                          self.touch_radius, self.effector_bounds, margin=self.detour_margin, side_bias=self.detour_bias)
 
+    def route_detours(self, state: VLReachState) -> jax.Array:
+        """Whether the expert's route to the target bends around another object (its next waypoint is not the
+        target): at reset, the scenes where the straight reach would pass too close to something first."""
+        return jnp.linalg.norm(self.target_plan(state).waypoint - state.object_pos[state.target]) > 1e-4
+
     def expert_action(self, state: VLReachState, goal: jax.Array | None = None) -> jax.Array:
         """Privileged scripted action [action_dim] toward the target (or object `goal`); extra dims 0."""
         goal = state.target if goal is None else goal
