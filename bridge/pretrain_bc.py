@@ -478,15 +478,15 @@ def train_bc(model: Any, data: dict[str, Any], labels: dict[str, np.ndarray], ar
     """Adam on action-mean MSE (+ value and auxiliary losses) over shuffled minibatches; per-epoch losses.
 
     The learning rate decays linearly to 10% over the run so the last epochs
-    settle instead of bouncing between minibatches. With `detour` (per episode)
-    and `args.detour_weight` > 1, detour episodes' rows come that many times per epoch.
+    settle instead of bouncing between minibatches. With `detour` (per episode,
+    see `run`), detour episodes' rows come `args.detour_weight` times per epoch.
     """
     import torch
 
     from jaxrl_vla.envs.vl_reach import COLOURS, SHAPES
 
     train_rows, val_rows = split_episodes(data["episode_id"], args.val_fraction)
-    if detour is not None and args.detour_weight > 1:
+    if detour is not None:
         train_rows = oversampled_rows(train_rows, data["episode_id"], detour, args.detour_weight)
     n = len(train_rows)
     steps_per_epoch = max(1, n // args.batch_size)
