@@ -101,6 +101,7 @@ SCHEMA: dict[str, Any] = {
             "max_grad_norm": Field((int, float), 0.5, "global gradient-norm clip", _pos, "> 0"),
             "target_kl": Field((int, float), None, "stop the iteration's remaining minibatch updates once approx_kl > 1.5 x target_kl (null: never)", _pos, "> 0", nullable=True),
             "normalize_advantage": Field(bool, True, "normalise advantages per minibatch"),
+            "noise_correlation": Field((int, float), 0.0, "continuous actions, standard mode: correlation rho of the exploration noise from one policy step to the next (an AR(1) process, eps_t = rho eps_{t-1} + sqrt(1 - rho^2) z_t: each step's action is still drawn from the policy's Gaussian, but the noise persists for ~1/(1 - rho) steps, so an episode can wander off the mean's path consistently; 0: independent noise per step)", lambda v: 0 <= v < 1, "in [0, 1)"),
         },
     },
     "policy": {

@@ -57,6 +57,7 @@ def test_yaml_is_accepted(tmp_path):
     ("algorithm.cfg.normalize_advantage=1", "algorithm.cfg.normalize_advantage: expected true/false"),
     ("policy.hidden_sizes=[64, -1]", "policy.hidden_sizes"),
     ("algorithm.cfg.batch_size=99999", "algorithm.cfg.batch_size (99999) exceeds"),
+    ("algorithm.cfg.noise_correlation=1", "algorithm.cfg.noise_correlation: 1 is out of range; must be in [0, 1)"),
 ])
 def test_bad_values_name_the_field(override, message):
     with pytest.raises(ConfigError) as err:

@@ -47,6 +47,7 @@ class PPOConfig:
     max_grad_norm: float = struct.field(pytree_node=False, default=0.5)
     target_kl: float | None = struct.field(pytree_node=False, default=None)
     normalize_advantage: bool = struct.field(pytree_node=False, default=True)
+    noise_correlation: float = struct.field(pytree_node=False, default=0.0)
 
     def num_minibatches(self, num_samples: int) -> int:
         if num_samples < self.batch_size:

@@ -48,7 +48,10 @@ class DiagGaussian:
     log_std: jax.Array  # broadcastable to mean
 
     def sample(self, key: jax.Array) -> jax.Array:
-        noise = jax.random.normal(key, self.mean.shape, self.mean.dtype)
+        return self.sample_from_noise(jax.random.normal(key, self.mean.shape, self.mean.dtype))
+
+    def sample_from_noise(self, noise: jax.Array) -> jax.Array:
+        """The action for standard-normal `noise` of the mean's shape (correlated exploration supplies its own)."""
         return self.mean + jnp.exp(self.log_std) * noise
 
     def mode(self) -> jax.Array:

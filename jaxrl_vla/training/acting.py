@@ -24,14 +24,33 @@ def act_chunk(
     obs: Any,
     key: jax.Array,
     deterministic: bool = False,
+    noise: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(actions [N, H, ...], log_probs [N, H], values [N, H]) from raw observations."""
+    """(actions [N, H, ...], log_probs [N, H], values [N, H]) from raw observations.
+
+    `noise` (Gaussian policies): the standard-normal draw to act with instead of
+    one from `key` (correlated exploration, `correlated_noise`)."""
     dist, value = apply_fn(params, normalize(obs_stats, obs))
-    action = dist.mode() if deterministic else dist.sample(key)
+    if deterministic:
+        action = dist.mode()
+    elif noise is not None:
+        action = dist.sample_from_noise(noise)
+    else:
+        action = dist.sample(key)
     log_prob = dist.log_prob(action)
     if value.ndim == 1:  # no chunks: add H = 1
         return action[:, None], log_prob[:, None], value[:, None]
     return action, log_prob, value
+
+
+def correlated_noise(previous: jax.Array, key: jax.Array, correlation: float) -> jax.Array:
+    """The next draw of an AR(1) process with standard-normal marginals:
+    rho * previous + sqrt(1 - rho^2) * z. Each draw alone is N(0, 1), so the action it makes
+    is a sample of the policy's Gaussian and its log-prob the policy's; consecutive draws
+    share a fraction rho, so exploration keeps a direction for ~1 / (1 - rho) steps instead of
+    averaging out (a route around an obstacle needs several steps off the mean's line)."""
+    fresh = jax.random.normal(key, previous.shape, previous.dtype)
+    return correlation * previous + jnp.sqrt(1.0 - correlation**2) * fresh
 
 
 def state_value(apply_fn: ApplyFn, params: Any, obs_stats: RunningStats | None, obs: Any) -> jax.Array:

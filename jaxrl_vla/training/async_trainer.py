@@ -323,6 +323,11 @@ class AsyncTrainer(Trainer):
     ):
         if buffer_type not in BUFFER_TYPES:
             raise ValueError(f"trainer.buffer_type must be one of {BUFFER_TYPES}, got {buffer_type!r}")
+        if algorithm.noise_correlation > 0:
+            raise ValueError(
+                "algorithm.cfg.noise_correlation > 0 needs trainer.buffer_type 'standard' and a JAX env "
+                "(the host collectors draw independent noise per step)"
+            )
         num_envs = int(kwargs.get("num_envs", 1))
         self.async_mode = buffer_type == "vla"
         if self.async_mode:

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxrl_vla.envs.wrappers import VecEnv, VecEnvState
-from jaxrl_vla.training.acting import ApplyFn, act_chunk, state_value, value_where
-from jaxrl_vla.training.normalizer import RunningStats
+from jaxrl_vla.training.acting import ApplyFn, act_chunk, correlated_noise, state_value, value_where
+from jaxrl_vla.training.normalizer import RunningStats, normalize
 from jaxrl_vla.types import Transition
 
 ObsEncoder = Callable[[Any, Any], Any]  # (params, obs) -> obs the policy also accepts
@@ -48,7 +48,12 @@ def _add_stats(a: EpisodeStats, b: EpisodeStats) -> EpisodeStats:
 
 
 def make_rollout_fn(
-    apply_fn: ApplyFn, vec_env: VecEnv, num_steps: int, chunk: int = 1, obs_encoder: ObsEncoder | None = None
+    apply_fn: ApplyFn,
+    vec_env: VecEnv,
+    num_steps: int,
+    chunk: int = 1,
+    obs_encoder: ObsEncoder | None = None,
+    noise_correlation: float = 0.0,
 ) -> Callable[..., tuple[VecEnvState, Any, Transition, jax.Array, EpisodeStats]]:
     """Build `rollout(params, obs_stats, env_state, obs, key, version)`.
 
@@ -60,15 +65,24 @@ def make_rollout_fn(
     collected observation; the policy acts on its output and the transitions
     store it, so the update's epochs reuse it. Only for raw observations
     (no running normalisation). The returned `obs` stays the env's.
+
+    `noise_correlation` rho > 0 (Gaussian policies): each inference's exploration
+    noise is an AR(1) step from the previous one (`correlated_noise`), per env and
+    action entry; the process starts afresh (stationary) at each rollout.
     """
     if num_steps % chunk:
         raise ValueError(f"trainer.buffer_size ({num_steps}) must be a multiple of policy.action_chunk ({chunk})")
 
     def rollout(params, obs_stats: RunningStats | None, env_state, obs, key, version):
+        def policy_input(env_obs):
+            return env_obs if obs_encoder is None else obs_encoder(params, env_obs)
+
         def run_chunk(carry, chunk_key):
-            env_state, env_obs = carry
-            chunk_obs = env_obs if obs_encoder is None else obs_encoder(params, env_obs)
-            actions, log_probs, values = act_chunk(apply_fn, params, obs_stats, chunk_obs, chunk_key)
+            env_state, env_obs, noise = carry
+            chunk_obs = policy_input(env_obs)
+            if noise is not None:
+                noise = correlated_noise(noise, chunk_key, noise_correlation)
+            actions, log_probs, values = act_chunk(apply_fn, params, obs_stats, chunk_obs, chunk_key, noise=noise)
 
             def env_step(inner, j):
                 env_state, obs = inner
@@ -87,10 +101,16 @@ def make_rollout_fn(
                 )
                 return (env_state, ts.obs), (transition, episode_stats(ts.info))
 
-            return jax.lax.scan(env_step, (env_state, env_obs), jnp.arange(actions.shape[1]))
+            (env_state, env_obs), out = jax.lax.scan(env_step, (env_state, env_obs), jnp.arange(actions.shape[1]))
+            return (env_state, env_obs, noise), out
 
+        noise = None
+        if noise_correlation > 0:
+            noise_key, key = jax.random.split(key)
+            mean = jax.eval_shape(lambda: apply_fn(params, normalize(obs_stats, policy_input(obs)))[0].mean)
+            noise = jax.random.normal(noise_key, mean.shape, mean.dtype)
         keys = jax.random.split(key, num_steps // chunk)
-        (env_state, obs), (transitions, stats) = jax.lax.scan(run_chunk, (env_state, obs), keys)
+        (env_state, obs, _), (transitions, stats) = jax.lax.scan(run_chunk, (env_state, obs, noise), keys)
         transitions = jax.tree_util.tree_map(lambda x: x.reshape((num_steps,) + x.shape[2:]), transitions)
         stats = jax.tree_util.tree_map(jnp.sum, stats)
         last_value = state_value(apply_fn, params, obs_stats, obs)

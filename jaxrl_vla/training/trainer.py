@@ -33,7 +33,7 @@ import numpy as np
 
 from jaxrl_vla.algo import ppo
 from jaxrl_vla.config import check_iterations_per_call
-from jaxrl_vla.envs.base import Env
+from jaxrl_vla.envs.base import Discrete, Env
 from jaxrl_vla.envs.wrappers import VecEnv
 from jaxrl_vla.models.policy import action_chunk_size, zeros_like_obs
 from jaxrl_vla.models.vla_policy import auxiliary_loss, frozen_vision_encoder
@@ -225,6 +225,11 @@ class Trainer:
         self.chunk = action_chunk_size(policy)
         self.samples_per_iteration = self.buffer_size * self.num_envs
         self.cfg.num_minibatches(self.samples_per_iteration)  # fail early with a named error
+        if self.cfg.noise_correlation > 0 and isinstance(env.action_space, Discrete):
+            raise ValueError(
+                f"algorithm.cfg.noise_correlation ({self.cfg.noise_correlation}) needs continuous (Box) actions; "
+                f"{type(env).__name__}'s are discrete"
+            )
         self.vec_env = VecEnv(env, self.num_envs)
         self.mesh = sharding.make_mesh()
         self.minibatch_sharding = sharding.minibatch_sharding(self.mesh, self.cfg.batch_size)  # checks batch_size
@@ -271,7 +276,8 @@ class Trainer:
         apply_fn = self.policy.apply
         # a frozen vision encoder runs once per collected sample, not once per epoch (raw obs only)
         obs_encoder = None if self.normalize_observations else frozen_vision_encoder(self.policy, self.trainable_mask)
-        rollout = make_rollout_fn(apply_fn, self.vec_env, self.buffer_size, self.chunk, obs_encoder)
+        rollout = make_rollout_fn(apply_fn, self.vec_env, self.buffer_size, self.chunk, obs_encoder,
+                                  self.cfg.noise_correlation)
         learn = make_learn_fn(apply_fn, self.optimizer, self.cfg, self.trainable_mask, self.minibatch_sharding,
                               auxiliary_loss(self.policy))
 
