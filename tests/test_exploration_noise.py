@@ -86,3 +86,27 @@ def test_discrete_actions_and_vla_mode_reject_it(tmp_path):
         AsyncTrainer(ActorCritic(pendulum.action_space, (8,)), pendulum, cfg, buffer_size=64, num_envs=4,
                      output_dir=tmp_path, progress=False)
     assert not any(tmp_path.iterdir())
+
+
+def test_the_trainer_collects_with_the_configured_correlation(tmp_path, monkeypatch):
+    """build_trainer -> Trainer -> make_rollout_fn: the config's rho reaches the rollout it jits."""
+    import jaxrl_vla.training.trainer as trainer_module
+    from jaxrl_vla.build import build_trainer
+    from jaxrl_vla.config import load_config
+
+    seen = []
+    real = trainer_module.make_rollout_fn
+
+    def spy(*args, **kwargs):
+        seen.append(args[5] if len(args) > 5 else kwargs.get("noise_correlation", 0.0))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "make_rollout_fn", spy)
+    cfg = load_config(None, ["env.name=Pendulum-v1", "trainer.num_envs=4", "trainer.buffer_size=16",
+                             "trainer.iterations=1", "trainer.progress=false", "trainer.eval_freq=0",
+                             f"trainer.output_dir={tmp_path}", "algorithm.cfg.batch_size=32",
+                             "algorithm.cfg.noise_correlation=0.6"])
+    trainer = build_trainer(cfg)
+    trainer.train()
+    assert seen == [0.6]
+    assert int(trainer.state.iteration) == 1
