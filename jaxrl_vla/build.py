@@ -127,7 +127,21 @@ def build_lr_scales(policy_cfg: dict, params: Any) -> Any:
 
 
 def build_trainer(cfg: dict) -> Any:
-    """The Trainer (standard) or AsyncTrainer (vla) that the config describes."""
+    """The Trainer (standard) or AsyncTrainer (vla) that the config describes.
+
+    The trainers check the settings that need the env or the policy (discrete actions,
+    chunk sizes, collector counts) and raise ValueErrors that name the config field; here
+    they become ConfigErrors, so the CLI reports them as config errors (exit 2, no traceback).
+    """
+    try:
+        return _build_trainer(cfg)
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
+def _build_trainer(cfg: dict) -> Any:
     env = build_env(cfg["env"])
     algorithm = build_algorithm(cfg["algorithm"])
     policy, params, mask = build_policy(cfg["policy"], env)

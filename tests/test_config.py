@@ -108,6 +108,8 @@ def run_cli(args, cwd):
     (["--set", "env.name=CartPol-v1"], "env.name: unknown env 'CartPol-v1'; did you mean 'CartPole-v1'?"),
     (["--set", "env.max_episode_step=10"], "env.max_episode_step: unknown key; did you mean 'max_episode_steps'?"),
     (["--resume", "no_such_run"], "no config.json there"),
+    # checked by the Trainer (it needs the env's action space), reported as a config error too
+    (["--set", "algorithm.cfg.noise_correlation=0.5"], "algorithm.cfg.noise_correlation (0.5) needs continuous"),
 ])
 def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, args, message):
     out = run_cli([*args, "--output-dir", str(tmp_path / "runs")], cwd=tmp_path)
