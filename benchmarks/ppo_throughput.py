@@ -216,7 +216,7 @@ class FusedLoop:
             step = trainer._iteration
 
             def loop(s):
-                return jax.lax.fori_loop(0, self.iterations, lambda _, s: step(s)[0], s)
+                return jax.lax.fori_loop(0, self.iterations, lambda _, s: step(s, None)[0], s)
 
             t = time.perf_counter()
             self.compiled = jax.jit(loop).lower(self.state).compile()

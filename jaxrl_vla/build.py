@@ -126,6 +126,24 @@ def build_lr_scales(policy_cfg: dict, params: Any) -> Any:
     return learning_rate_scales(params, policy_cfg["lr_scale"])
 
 
+def build_demonstrations(algo_cfg: dict, env: Any, chunk: int) -> Any:
+    """`Demonstrations` from `algorithm.demo_path` for the env (None without one)."""
+    path = algo_cfg["demo_path"]
+    if path is None:
+        return None
+    from pathlib import Path
+
+    from jaxrl_vla.tasks.demos import as_demonstrations, load_demos
+
+    if not Path(path).is_file():
+        raise ConfigError(f"algorithm.demo_path: no file {path} (make one with python -m jaxrl_vla.tasks.demos "
+                          f"--out {path}; python -m bridge.pretrain_bc writes its demos beside its checkpoint)")
+    try:
+        return as_demonstrations(load_demos(path), env, chunk)
+    except (ValueError, KeyError, OSError) as err:
+        raise ConfigError(f"algorithm.demo_path: {path}: {err}") from None
+
+
 def build_trainer(cfg: dict) -> Any:
     """The Trainer (standard) or AsyncTrainer (vla) that the config describes.
 
@@ -146,7 +164,9 @@ def _build_trainer(cfg: dict) -> Any:
     algorithm = build_algorithm(cfg["algorithm"])
     policy, params, mask = build_policy(cfg["policy"], env)
     kwargs = trainer_kwargs(cfg)
-    common = dict(init_params=params, trainable_mask=mask, lr_scales=build_lr_scales(cfg["policy"], params), config=cfg)
+    demos = build_demonstrations(cfg["algorithm"], env, cfg["policy"]["action_chunk"])
+    common = dict(init_params=params, trainable_mask=mask, lr_scales=build_lr_scales(cfg["policy"], params), config=cfg,
+                  demos=demos)
     if cfg["trainer"]["buffer_type"] == "vla" or getattr(env, "is_host_env", False):
         from jaxrl_vla.training.async_trainer import AsyncTrainer
 

@@ -85,6 +85,7 @@ SCHEMA: dict[str, Any] = {
     },
     "algorithm": {
         "name": Field(str, "ppo", "algorithm", *_one_of("ppo")),
+        "demo_path": Field(str, None, "expert demonstrations (.npz of `python -m jaxrl_vla.tasks.demos`, or the one `python -m bridge.pretrain_bc` makes beside its checkpoint) for the demonstration loss weighted by algorithm.cfg.demo_coef; their observations must match the env's", nullable=True),
         "cfg": {
             "learning_rate": Field((int, float), 3e-4, "Adam step size", _pos, "> 0"),
             "lr_schedule": Field(str, "constant", "learning-rate schedule over all gradient steps (linear and cosine decay to 0)", *_SCHEDULE),
@@ -97,6 +98,7 @@ SCHEMA: dict[str, Any] = {
             "vf_clip_coef": Field((int, float), None, "clip of the value change (null: no value clipping)", _pos, "> 0", nullable=True),
             "ent_coef": Field((int, float), 0.0, "entropy bonus weight", _nonneg, ">= 0"),
             "vf_coef": Field((int, float), 0.5, "value loss weight", _nonneg, ">= 0"),
+            "demo_coef": Field((int, float), 0.0, "weight of the demonstration loss: each PPO minibatch also draws batch_size expert (observation, action) pairs from algorithm.demo_path and adds demo_coef x the squared error of the policy's mean action against the expert's (PPO + behaviour cloning, as DAPG fine-tunes from demonstrations; > 0 needs demo_path, and it needs > 0)", _nonneg, ">= 0"),
             "aux_coef": Field((int, float), 0.0, "weight of the auxiliary loss (the policy's auxiliary head against policy.auxiliary_target; > 0 needs it, and it needs > 0)", _nonneg, ">= 0"),
             "max_grad_norm": Field((int, float), 0.5, "global gradient-norm clip", _pos, "> 0"),
             "target_kl": Field((int, float), None, "stop the iteration's remaining minibatch updates once approx_kl > 1.5 x target_kl (null: never)", _pos, "> 0", nullable=True),
@@ -292,6 +294,13 @@ def _check_cross_fields(cfg: dict) -> None:
     if (aux_coef > 0) != (target is not None):
         raise ConfigError("algorithm.cfg.aux_coef > 0 needs policy.auxiliary_target (the label it weights)" if aux_coef > 0
                           else "policy.auxiliary_target is set but algorithm.cfg.aux_coef is 0: the head would never train")
+
+
+    demo_coef, demo_path = cfg["algorithm"]["cfg"]["demo_coef"], cfg["algorithm"]["demo_path"]
+    if (demo_coef > 0) != (demo_path is not None):
+        raise ConfigError("algorithm.cfg.demo_coef > 0 needs algorithm.demo_path (the demonstrations it weights)"
+                          if demo_coef > 0 else "algorithm.demo_path is set but algorithm.cfg.demo_coef is 0: "
+                          "the demonstrations would be unused")
 
 
 def resolve(raw: dict) -> dict:

@@ -52,3 +52,21 @@ class Batch:
     advantage: jax.Array
     returns: jax.Array
     chunk_index: jax.Array
+
+
+@struct.dataclass
+class Demonstrations:
+    """Expert (observation, action) pairs for PPO's demonstration loss (`algorithm.cfg.demo_coef`).
+
+    obs      observations [D, ...] as the policy reads them (for a frozen vision
+             encoder, its precomputed features instead of the pixels)
+    action   the expert's labels shaped like the policy's action mode for one
+             observation: [D, A], or [D, H, A] for a policy that emits chunks of H
+    """
+
+    obs: PyTree
+    action: jax.Array
+
+    @property
+    def size(self) -> int:
+        return int(self.action.shape[0])

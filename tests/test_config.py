@@ -110,6 +110,9 @@ def run_cli(args, cwd):
     (["--resume", "no_such_run"], "no config.json there"),
     # checked by the Trainer (it needs the env's action space), reported as a config error too
     (["--set", "algorithm.cfg.noise_correlation=0.5"], "algorithm.cfg.noise_correlation (0.5) needs continuous"),
+    (["--set", "algorithm.cfg.demo_coef=0.5"], "algorithm.cfg.demo_coef > 0 needs algorithm.demo_path"),
+    (["--set", "algorithm.cfg.demo_coef=0.5", "--set", "algorithm.demo_path=none.npz"],
+     "algorithm.demo_path: no file none.npz"),
 ])
 def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, args, message):
     out = run_cli([*args, "--output-dir", str(tmp_path / "runs")], cwd=tmp_path)

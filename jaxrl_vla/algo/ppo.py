@@ -4,8 +4,10 @@
     gae_from_transitions GAE for a rollout of `Transition`s (truncation bootstrapped)
     ppo_loss             clipped surrogate + (optionally clipped) value loss - entropy
     make_optimizer       optax chain: global-norm clip, Adam, learning-rate schedule
+    demo_loss            behaviour-cloning loss on expert demonstrations (cfg.demo_coef)
     update               n_epochs x shuffled minibatches as nested scans; target_kl
-                         masks the remaining updates (a scan cannot break)
+                         masks the remaining updates (a scan cannot break); with
+                         demonstrations, each minibatch also draws a demo minibatch
 
 Hyper-parameters that only enter arithmetic (gamma, clip_coef, ...) are traced
 pytree leaves of `PPOConfig`, so they can be vmapped or changed without
@@ -21,7 +23,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from jaxrl_vla.types import Batch, Transition
+from jaxrl_vla.types import Batch, Demonstrations, Transition
 
 ApplyFn = Callable[[Any, Any], tuple[Any, jax.Array]]
 # (params, obs) -> scalar: a supervised loss added to PPO's with weight cfg.aux_coef (see ppo_loss)
@@ -44,6 +46,7 @@ class PPOConfig:
     ent_coef: float = 0.0
     vf_coef: float = 0.5
     aux_coef: float = 0.0
+    demo_coef: float = 0.0
     max_grad_norm: float = struct.field(pytree_node=False, default=0.5)
     target_kl: float | None = struct.field(pytree_node=False, default=None)
     normalize_advantage: bool = struct.field(pytree_node=False, default=True)
@@ -141,8 +144,25 @@ def score_actions(apply_fn: ApplyFn, params: Any, obs: Any, action: jax.Array, c
     return pick(dist.log_prob(tiled)), pick(dist.entropy()), pick(value)
 
 
+def demo_loss(params: Any, apply_fn: ApplyFn, demos: Demonstrations) -> jax.Array:
+    """Behaviour cloning on expert demonstrations: the squared error of the policy's
+    mode (a Gaussian's mean) against the expert's action, summed over action
+    dimensions and averaged over samples and chunk steps.
+
+    Why the mode and not the log-likelihood (DAPG's form): the likelihood would
+    also shrink the Gaussian's std towards the demonstrations' spread and with it
+    PPO's exploration, which the clipped objective and the checkpoint's log-std
+    own. The squared error is the loss the torch clone was trained with
+    (`bridge.pretrain_bc`), so the demonstrations pull on the same quantity.
+    """
+    dist, _ = apply_fn(params, demos.obs)
+    error = jnp.sum(jnp.square(dist.mode() - demos.action), axis=-1)
+    return jnp.mean(error)
+
+
 def ppo_loss(
-    params: Any, apply_fn: ApplyFn, batch: Batch, cfg: PPOConfig, aux_loss_fn: AuxLossFn | None = None
+    params: Any, apply_fn: ApplyFn, batch: Batch, cfg: PPOConfig, aux_loss_fn: AuxLossFn | None = None,
+    demos: Demonstrations | None = None,
 ) -> tuple[jax.Array, dict]:
     """PPO's clipped objective on one minibatch; returns (loss, metrics).
 
@@ -150,6 +170,11 @@ def ppo_loss(
     observations (e.g. a probe of privileged simulator state,
     `policy.auxiliary_target`): a gradient into the shared trunk that does not
     wait for the advantages to single out which states matter.
+
+    `demos` (a minibatch of expert demonstrations) adds `cfg.demo_coef` x
+    `demo_loss` (DAPG/PPO+BC-style fine-tuning, Rajeswaran et al. 2018): the
+    demonstrations keep teaching what exploration rarely finds, e.g. a detour the
+    clone never makes, while PPO improves everything its rollouts reach.
     """
     log_prob, entropy, value = score_actions(apply_fn, params, batch.obs, batch.action, batch.chunk_index)
     advantage = batch.advantage
@@ -174,6 +199,10 @@ def ppo_loss(
         aux_loss = aux_loss_fn(params, batch.obs)
         loss = loss + cfg.aux_coef * aux_loss
         extra["loss/aux"] = aux_loss
+    if demos is not None:
+        bc_loss = demo_loss(params, apply_fn, demos)
+        loss = loss + cfg.demo_coef * bc_loss
+        extra["loss/demo"] = bc_loss
     metrics = {
         "loss/total": loss,
         "loss/policy": policy_loss,
@@ -274,6 +303,7 @@ def update(
     trainable_mask: Any = None,
     minibatch_sharding: jax.sharding.Sharding | None = None,
     aux_loss_fn: AuxLossFn | None = None,
+    demos: Demonstrations | None = None,
 ) -> tuple[Any, Any, dict]:
     """n_epochs passes of shuffled minibatch SGD over `batch`; pure and jittable.
 
@@ -292,6 +322,10 @@ def update(
     rule) and every update after it in this call are masked out: parameters and
     optimiser state are carried through unchanged. Returned metrics average the
     updates that were applied.
+
+    `demos` (all of them, [D, ...]): every minibatch step also scores a demo
+    minibatch of `batch_size` rows drawn uniformly with replacement (`ppo_loss`'s
+    demonstration term); without them the keys and results are as before.
     """
     num_samples = batch.advantage.shape[0]
     num_minibatches = cfg.num_minibatches(num_samples)
@@ -300,9 +334,10 @@ def update(
         lambda p, *args: ppo_loss(stop_frozen_gradients(p, trainable_mask), *args), has_aux=True
     )
 
-    def minibatch_step(carry, minibatch: Batch):
+    def minibatch_step(carry, minibatch: tuple[Batch, Demonstrations | None]):
         state, stopped = carry
-        (_, metrics), grads = grad_fn(state.params, apply_fn, minibatch, cfg, aux_loss_fn)
+        minibatch, demo_minibatch = minibatch
+        (_, metrics), grads = grad_fn(state.params, apply_fn, minibatch, cfg, aux_loss_fn, demo_minibatch)
         if cfg.target_kl is not None:
             stopped = jnp.logical_or(stopped, metrics["approx_kl"] > 1.5 * cfg.target_kl)
         updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -314,14 +349,22 @@ def update(
         metrics["applied"] = 1.0 - stopped.astype(jnp.float32)
         return (new_state, stopped), metrics
 
-    def epoch(carry, epoch_key: jax.Array):
-        order = jax.random.permutation(epoch_key, num_samples)[:used]
-        shuffled = jax.tree_util.tree_map(
-            lambda x: jnp.take(x, order, axis=0).reshape((num_minibatches, cfg.batch_size) + x.shape[1:]), batch
+    def gather(tree: Any, rows: jax.Array) -> Any:
+        """Rows [M * mb] of every leaf as [M, mb, ...], split over the devices when sharded."""
+        picked = jax.tree_util.tree_map(
+            lambda x: jnp.take(x, rows, axis=0).reshape((num_minibatches, cfg.batch_size) + x.shape[1:]), tree
         )
         if minibatch_sharding is not None:  # [M, mb, ...]: split the mb axis over the devices
-            shuffled = jax.lax.with_sharding_constraint(shuffled, minibatch_sharding)
-        return jax.lax.scan(minibatch_step, carry, shuffled)
+            picked = jax.lax.with_sharding_constraint(picked, minibatch_sharding)
+        return picked
+
+    def epoch(carry, epoch_key: jax.Array):
+        demo_minibatches = None
+        if demos is not None:
+            epoch_key, demo_key = jax.random.split(epoch_key)
+            demo_minibatches = gather(demos, jax.random.randint(demo_key, (used,), 0, demos.action.shape[0]))
+        order = jax.random.permutation(epoch_key, num_samples)[:used]
+        return jax.lax.scan(minibatch_step, carry, (gather(batch, order), demo_minibatches))
 
     init = (UpdateState(params, opt_state), jnp.asarray(False))
     (final, stopped), metrics = jax.lax.scan(epoch, init, jax.random.split(key, cfg.n_epochs))

@@ -44,7 +44,8 @@ steps stored episode by episode in time order):
   format_version    int64           FORMAT_VERSION
 
 `load_demos` reads it back (metadata decoded); `observation_keys(demos)` lists
-the observation entries present.
+the observation entries present; `as_demonstrations` turns a loaded file into the
+(observation, action) pairs of PPO's demonstration loss (`algorithm.demo_path`).
 """
 
 from __future__ import annotations
@@ -229,6 +230,52 @@ def load_demos(path: str | Path) -> dict[str, Any]:
 def observation_keys(demos: dict[str, Any]) -> list[str]:
     """The observation entries present in a loaded demo file (depth only when recorded)."""
     return [key for key in OBS_KEYS if key in demos]
+
+
+def chunk_labels(action: np.ndarray, episode_id: np.ndarray, chunk: int) -> np.ndarray:
+    """Labels for a policy that emits `chunk` actions per observation: row i gets the expert's
+    actions of steps i .. i+chunk-1 of its episode, the episode's last action repeated past
+    its end ([N, A] -> [N, chunk, A]); rows must be stored episode by episode in time order."""
+    rows = np.arange(len(action))
+    last_row = np.searchsorted(episode_id, episode_id, side="right") - 1  # the final row of each row's episode
+    index = np.minimum(rows[:, None] + np.arange(chunk)[None, :], last_row[:, None])
+    return action[index]
+
+
+def as_demonstrations(demos: dict[str, Any], env: Any, chunk: int = 1) -> Any:
+    """A loaded demo file -> `jaxrl_vla.types.Demonstrations` for PPO's demonstration loss on `env`.
+
+    The observations are the env's (every key of its observation space except the
+    training-only `privileged_*` labels, which demonstrations need not carry) with
+    the env's per-step shapes and dtypes, and the words behind the token ids must be
+    the env tokenizer's: a demo file made for another variant of the task would
+    otherwise teach the policy silently wrong pairs. Raises ValueError naming the
+    key. `chunk` > 1 gives [N, chunk, A] labels (`chunk_labels`).
+    """
+    from jaxrl_vla.types import Demonstrations
+
+    obs = {}
+    for key, space in env.observation_space.items():
+        if key.startswith("privileged_"):
+            continue
+        if key not in demos:
+            raise ValueError(f"observation key {key!r} of the env is missing from the demonstrations "
+                             f"(they have {', '.join(observation_keys(demos))})")
+        value = demos[key]
+        if tuple(value.shape[1:]) != tuple(space.shape) or value.dtype != np.dtype(space.dtype):
+            raise ValueError(f"observation {key!r}: demonstrations have {value.dtype}{list(value.shape[1:])} per step, "
+                             f"the env {np.dtype(space.dtype)}{list(space.shape)}")
+        obs[key] = value
+    action = np.asarray(demos["action"], np.float32)
+    action_shape = tuple(env.action_space.shape)
+    if tuple(action.shape[1:]) != action_shape:
+        raise ValueError(f"action: demonstrations have {list(action.shape[1:])} per step, the env {list(action_shape)}")
+    vocab = env.tokenizer().vocab if hasattr(env, "tokenizer") else None
+    if vocab is not None and demos.get("vocab") and list(demos["vocab"]) != list(vocab):
+        raise ValueError("vocab: the demonstrations' token ids name other words than the env's tokenizer")
+    if chunk > 1:
+        action = chunk_labels(action, np.asarray(demos["episode_id"]), chunk)
+    return Demonstrations(obs=obs, action=action)
 
 
 # ---------------------------------------------------------------------------- CLI

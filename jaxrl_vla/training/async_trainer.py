@@ -378,11 +378,11 @@ class AsyncTrainer(Trainer):
         learn_fn = make_learn_fn(apply_fn, self.optimizer, self.cfg, self.trainable_mask, self.minibatch_sharding,
                                  auxiliary_loss(self.policy))
 
-        def learn(state, rollout, next_obs):
+        def learn(state, rollout, next_obs, demos):
             """Bootstrap V(obs after the newest step) with the learner's params, then PPO."""
             self.trace_count += 1  # runs only while tracing: counts compilations
             last_value = state_value(apply_fn, state.params, state.obs_stats, next_obs)
-            return learn_fn(state, rollout, last_value)
+            return learn_fn(state, rollout, last_value, demos)
 
         # no donation: the state's params are the published snapshot collectors act with
         self._learn = compiler.jit(learn)
@@ -556,7 +556,7 @@ class AsyncTrainer(Trainer):
             return None
         rollout, next_obs = collected
         t1 = time.perf_counter()
-        new_state, metrics = self._learn(self.state, rollout, next_obs)
+        new_state, metrics = self._learn(self.state, rollout, next_obs, self._device_demos)
         if not self._wait(lambda: all_ready((new_state, metrics))):
             jax.block_until_ready(new_state)  # finish the update so the final checkpoint has it
         metrics, versions = jax.device_get((metrics, rollout.policy_version))

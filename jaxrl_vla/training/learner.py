@@ -11,7 +11,7 @@ from flax import struct
 
 from jaxrl_vla.algo import ppo
 from jaxrl_vla.training.normalizer import RunningStats, normalize, update_stats
-from jaxrl_vla.types import Transition
+from jaxrl_vla.types import Demonstrations, Transition
 
 
 @struct.dataclass
@@ -56,8 +56,8 @@ def make_learn_fn(
     trainable_mask: Any = None,
     minibatch_sharding: jax.sharding.Sharding | None = None,
     auxiliary_loss: Callable[[Any, Any, Any], jax.Array] | None = None,
-) -> Callable[[TrainState, Transition, jax.Array], tuple[TrainState, dict]]:
-    """Build the pure `learn(state, rollout [T, N], last_value [N]) -> (state, metrics)`.
+) -> Callable[..., tuple[TrainState, dict]]:
+    """Build the pure `learn(state, rollout [T, N], last_value [N], demos=None) -> (state, metrics)`.
 
     `minibatch_sharding` is `ppo.update`'s (`sharding.minibatch_sharding`:
     data-parallel minibatches on a multi-device mesh). `auxiliary_loss(params,
@@ -66,10 +66,13 @@ def make_learn_fn(
 
     The loss sees observations normalised with the same statistics the actor
     used, so the first epoch's ratio is exactly 1; the statistics absorb the
-    rollout only after the update.
+    rollout only after the update. `demos` (`ppo.update`'s) are normalised with
+    the same statistics.
     """
 
-    def learn(state: TrainState, rollout: Transition, last_value: jax.Array) -> tuple[TrainState, dict]:
+    def learn(
+        state: TrainState, rollout: Transition, last_value: jax.Array, demos: Demonstrations | None = None
+    ) -> tuple[TrainState, dict]:
         advantages, returns = ppo.gae_from_transitions(rollout, last_value, cfg.gamma, cfg.gae_lambda)
         batch = ppo.make_batch(rollout, advantages, returns)
         key, update_key = jax.random.split(state.key)
@@ -86,6 +89,7 @@ def make_learn_fn(
         params, opt_state, metrics = ppo.update(
             state.params, state.opt_state, batch, update_key, apply_fn=normalized_apply, optimizer=optimizer, cfg=cfg,
             trainable_mask=trainable_mask, minibatch_sharding=minibatch_sharding, aux_loss_fn=aux_loss_fn,
+            demos=demos,
         )
         new_stats = None if stats is None else update_stats(stats, rollout.obs)
         metrics["staleness"] = jnp.mean(state.iteration - rollout.policy_version.astype(jnp.float32))

@@ -43,6 +43,7 @@ from jaxrl_vla.training.learner import TrainState, initial_train_state, make_lea
 from jaxrl_vla.training.logging import RunLogger
 from jaxrl_vla.training.normalizer import init_stats
 from jaxrl_vla.training.rollout import EpisodeStats, make_evaluate_fn, make_rollout_fn
+from jaxrl_vla.types import Demonstrations
 
 BUFFER_TYPES = ("standard", "vla")
 
@@ -112,10 +113,12 @@ def call_size(done: int, total: int, k: int) -> int:
 
 
 def loop_iterations(
-    iteration: Callable, max_size: int, state: TrainState, size: jax.Array
+    iteration: Callable, max_size: int, state: TrainState, size: jax.Array, data: Any = None
 ) -> tuple[TrainState, jax.Array, jax.Array]:
-    """Run `size` iterations (a traced int32 in [1, max_size]) as one program ->
-    (state, reports [max_size, M], step counters [max_size]); rows from `size` on stay 0.
+    """Run `size` iterations (a traced int32 in [1, max_size]) of `iteration(state, data)`
+    as one program -> (state, reports [max_size, M], step counters [max_size]); rows
+    from `size` on stay 0. `data` (the demonstrations, or None) is read by every
+    iteration and never changes: an argument, not a constant baked into the program.
 
     The trip count is an argument, so ONE compiled program serves every call
     size: a tail or head call needs no second compilation (which, on a 2-core
@@ -125,12 +128,13 @@ def loop_iterations(
     once, to a jaxpr: its output shapes size the stacked reports, and it is the
     loop's body.
     """
-    closed, (_, report, step) = jax.make_jaxpr(iteration, return_shape=True)(state)
+    closed, (_, report, step) = jax.make_jaxpr(iteration, return_shape=True)(state, data)
     leaves, treedef = jax.tree_util.tree_flatten(state)
+    data_leaves = jax.tree_util.tree_leaves(data)
 
     def body(i: jax.Array, carry: tuple) -> tuple:
         leaves, reports, steps = carry
-        *leaves, report_i, step_i = jax.core.eval_jaxpr(closed.jaxpr, closed.consts, *leaves)
+        *leaves, report_i, step_i = jax.core.eval_jaxpr(closed.jaxpr, closed.consts, *leaves, *data_leaves)
         return leaves, reports.at[i].set(report_i), steps.at[i].set(step_i)
 
     reports = jnp.zeros((max_size, *report.shape), report.dtype)
@@ -164,6 +168,8 @@ class Trainer:
       num_envs      parallel envs
       iterations    planned iterations (fixes the LR schedule); train() may override
       success_key   info key counted as task success (the env's "success" by default)
+      demos         expert `Demonstrations` (raw observations, host or device arrays) for PPO's
+                    demonstration loss, weighted by algorithm.demo_coef (> 0 needs them)
       iterations_per_call  iterations per jitted call (standard mode with a JAX env); must divide
                     eval_freq and save_freq; 0: auto, calls of ~CALL_TARGET_SECONDS of up to
                     `auto_iterations_per_call` iterations (`adaptive_call_iterations`)
@@ -193,6 +199,7 @@ class Trainer:
         progress: bool = True,
         log_fn: Callable[[dict], None] | None = None,
         iterations_per_call: int = 0,
+        demos: Demonstrations | None = None,
     ):
         if buffer_type not in BUFFER_TYPES:
             raise ValueError(f"trainer.buffer_type must be one of {BUFFER_TYPES}, got {buffer_type!r}")
@@ -223,6 +230,12 @@ class Trainer:
         self.progress = progress
         self.log_fn = log_fn
         self.chunk = action_chunk_size(policy)
+        if (self.cfg.demo_coef > 0) != (demos is not None):
+            raise ValueError("algorithm.cfg.demo_coef > 0 needs demonstrations (algorithm.demo_path)" if demos is None
+                             else "demonstrations were given but algorithm.cfg.demo_coef is 0: they would be unused")
+        self.demos = demos
+        self._demo_encoder: Callable | None = None  # set by _build: the rollout's frozen-vision encoder
+        self._device_demos: Demonstrations | None = None  # set by train: the demos as the learner reads them
         self.samples_per_iteration = self.buffer_size * self.num_envs
         self.cfg.num_minibatches(self.samples_per_iteration)  # fail early with a named error
         if self.cfg.noise_correlation > 0 and isinstance(env.action_space, Discrete):
@@ -276,19 +289,20 @@ class Trainer:
         apply_fn = self.policy.apply
         # a frozen vision encoder runs once per collected sample, not once per epoch (raw obs only)
         obs_encoder = None if self.normalize_observations else frozen_vision_encoder(self.policy, self.trainable_mask)
+        self._demo_encoder = obs_encoder
         rollout = make_rollout_fn(apply_fn, self.vec_env, self.buffer_size, self.chunk, obs_encoder,
                                   self.cfg.noise_correlation)
         learn = make_learn_fn(apply_fn, self.optimizer, self.cfg, self.trainable_mask, self.minibatch_sharding,
                               auxiliary_loss(self.policy))
 
-        def iteration(state: TrainState) -> tuple[TrainState, jax.Array, jax.Array]:
+        def iteration(state: TrainState, demos: Demonstrations | None) -> tuple[TrainState, jax.Array, jax.Array]:
             self.trace_count += 1  # runs only while tracing: counts compilations
             key, rollout_key = jax.random.split(state.key)
             env_state, obs, transitions, last_value, episodes = rollout(
                 state.params, state.obs_stats, state.env_state, state.obs, rollout_key, state.iteration
             )
             state = state.replace(key=key, env_state=env_state, obs=obs)
-            state, metrics = learn(state, transitions, last_value)
+            state, metrics = learn(state, transitions, last_value, demos)
             # one float32 vector for every scalar: a single device->host transfer per call;
             # the step counter is returned apart from the (donated) state so it can be read later
             leaves, self._report_treedef = jax.tree_util.tree_flatten((metrics, episodes))
@@ -305,6 +319,11 @@ class Trainer:
         self._abstract_state = jax.tree_util.tree_map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), template, state_shardings
         )
+        replicated = sharding.replicated(self.mesh)
+        self._abstract_demos = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+            jax.eval_shape(self._encode_demos, template.params, self.demos),
+        )
         self.call_iterations = self.iterations_per_call or auto_iterations_per_call(
             self.eval_freq, self.save_freq, total_iterations
         )
@@ -319,14 +338,41 @@ class Trainer:
             self._precompile_evaluation(template)
 
     def _compile_program(self) -> Callable:
-        """Compile `loop_iterations` for this run: (state, size) -> (state, reports, steps)."""
+        """Compile `loop_iterations` for this run: (state, size, demos) -> (state, reports, steps)."""
         program = compiler.jit(
             functools.partial(loop_iterations, self._iteration_fn, self.call_iterations),
             donate_argnums=0,
             out_shardings=self._out_shardings,
         )
         size = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(self.mesh))
-        return program.lower(self._abstract_state, size).compile()
+        return program.lower(self._abstract_state, size, self._abstract_demos).compile()
+
+    def _encode_demos(self, params: Any, demos: Demonstrations | None) -> Demonstrations | None:
+        """The demonstrations as the learner reads them: through the rollout's frozen vision encoder
+        when it has one (the features of a frozen encoder never change, so they are computed once)."""
+        if demos is None or self._demo_encoder is None:
+            return demos
+        return demos.replace(obs=self._demo_encoder(params, demos.obs))
+
+    def _prepare_demos(self, params: Any, rows_per_call: int = 2048) -> Demonstrations | None:
+        """`_encode_demos` in slices of `rows_per_call` (one compiled program; the pixels of all the
+        demonstrations need not fit through the encoder at once), placed replicated on the mesh."""
+        if self.demos is None:
+            return None
+        replicated = sharding.replicated(self.mesh)
+        if self._demo_encoder is None:
+            return jax.device_put(self.demos, replicated)
+        size = self.demos.size
+        rows = min(rows_per_call, size)
+        encode = compiler.jit(self._demo_encoder)
+        host = jax.tree_util.tree_map(np.asarray, self.demos.obs)
+        parts = []
+        for start in range(0, size, rows):
+            index = np.minimum(np.arange(start, start + rows), size - 1)  # the last slice repeats its final row
+            piece = jax.tree_util.tree_map(lambda x: x[index], host)
+            parts.append(jax.device_get(encode(params, piece)))
+        obs = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs)[:size], *parts)
+        return jax.device_put(self.demos.replace(obs=obs), replicated)
 
     def _precompile_evaluation(self, template: TrainState) -> None:
         """Compile the evaluation program on a second thread too: XLA compiles each
@@ -403,6 +449,7 @@ class Trainer:
         state = init(key, init_params)
         if resume:
             state, _ = checkpointer.restore(state)
+        self._device_demos = self._prepare_demos(state.params)
         self.state = state
         start = int(state.iteration)
         logger = RunLogger(self.run_dir, total_iterations, start, progress=self.progress)
@@ -532,11 +579,11 @@ class Trainer:
         call's state is then donated to that one: the loop only prefetches when
         nothing (evaluation, checkpoint, the end) needs it.
         """
-        result = self._pending if self._pending is not None else self._step()(self.state, np.int32(size))
+        result = self._pending if self._pending is not None else self._step()(self.state, np.int32(size), self._device_demos)
         self._pending = None
         new_state, reports, global_steps = result
         if next_size:  # queued behind this one before waiting for it: the device never idles
-            self._pending = self._step()(new_state, np.int32(next_size))
+            self._pending = self._step()(new_state, np.int32(next_size), self._device_demos)
         reports, global_steps = jax.device_get((reports, global_steps))
         return new_state, [self._unpack(reports[i], global_steps[i]) for i in range(size)]
 
