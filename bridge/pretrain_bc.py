@@ -133,8 +133,13 @@ PROPRIO_POSITION_DIMS = 2
 # Discount of the value targets: the example configs' algorithm.cfg.gamma (a test checks they agree),
 # so the critic PPO starts from is calibrated to the returns it will be trained on. 0.9, not shorter:
 # at 0.5 a wrong touch 4 steps ahead costs the current action 0.06 of return, and PPO fine-tuning
-# unlearns the cloned detours around objects in the way (README, "What bounds it now").
+# unlearns the cloned detours around objects in the way (docs/finetune_findings.md).
 GAMMA = 0.9
+# The demo file's "weight" column (`jaxrl_vla.tasks.demos.collect_demos(detour_weight=)`): the steps of
+# episodes whose route bends around an object at reset weigh this much when the example's PPO draws
+# its demonstration minibatches (`algorithm.demo_path`). BC here ignores the column (--detour-weight
+# is its own oversampling). 3: the K of the detour-weighted BC runs that learnt the detours.
+DEMO_DETOUR_WEIGHT = 3.0
 
 
 # ---------------------------------------------------------------------------- environment & demos
@@ -165,24 +170,26 @@ def check_model_fits_env(model_config: dict[str, Any], env: Any) -> None:
 def ensure_demos(path: Path, episodes: int, seed: int, noise_std: float, env: Any, env_kwargs: dict) -> dict[str, Any]:
     """Load the demo file, generating it first when missing.
 
-    An existing file must have been made with the same episodes, seed, noise
-    and env, or the checkpoint would silently depend on whatever was on disk.
+    An existing file must have been made with the same episodes, seed, noise,
+    env and detour weight (DEMO_DETOUR_WEIGHT, the largest entry of its weight
+    column), or the checkpoint would silently depend on whatever was on disk.
     """
     from jaxrl_vla.tasks import demos as demo_lib
 
     if not path.is_file():
         t0 = time.perf_counter()
-        arrays = demo_lib.collect_demos(env, episodes, seed, noise_std)
+        arrays = demo_lib.collect_demos(env, episodes, seed, noise_std, detour_weight=DEMO_DETOUR_WEIGHT)
         demo_lib.save_demos(path, arrays, ENV_ID, env_kwargs, env.tokenizer().vocab, seed, noise_std)
         print(f"generated {path}: {episodes} expert episodes, {len(arrays['step'])} steps "
               f"({time.perf_counter() - t0:.1f} s)", flush=True)
     data = demo_lib.load_demos(path)
-    made_with = (len(data["episode_success"]), data["seed"], data["noise_std"], data["env_id"])
-    wanted = (episodes, seed, noise_std, ENV_ID)
+    detour_weight = float(data["weight"].max()) if "weight" in data else 1.0
+    made_with = (len(data["episode_success"]), data["seed"], data["noise_std"], data["env_id"], detour_weight)
+    wanted = (episodes, seed, noise_std, ENV_ID, DEMO_DETOUR_WEIGHT)
     same_env = data["env_id"] == ENV_ID and make_env(data["env_kwargs"]) == env  # equal envs: equal configs
     if made_with != wanted or not same_env:
         raise ValueError(
-            f"{path} was made with (episodes, seed, noise_std, env) = {made_with} and env_kwargs "
+            f"{path} was made with (episodes, seed, noise_std, env, detour weight) = {made_with} and env_kwargs "
             f"{data['env_kwargs']}, not {wanted} and {env_kwargs}; "
             f"delete it or pass another --demos"
         )

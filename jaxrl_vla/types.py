@@ -62,10 +62,13 @@ class Demonstrations:
              encoder, its precomputed features instead of the pixels)
     action   the expert's labels shaped like the policy's action mode for one
              observation: [D, A], or [D, H, A] for a policy that emits chunks of H
+    weight   [D] relative sampling weights (None: uniform), e.g. more draws from the
+             demonstrations of the hard scenes a clone gets wrong
     """
 
     obs: PyTree
     action: jax.Array
+    weight: jax.Array | None = None
 
     @property
     def size(self) -> int:

@@ -122,14 +122,45 @@ def test_chunk_labels_follow_the_episode_and_stop_at_its_end():
 IMAGE = 32
 
 
+def test_weighted_draws_follow_the_weights():
+    weight = np.array([0.0, 1.0, 3.0, 0.0, 2.0, 0.5], np.float32)
+    demos = Demonstrations(obs=jnp.zeros((6, 1)), action=jnp.zeros((6, 1)), weight=jnp.asarray(weight))
+    rows = np.asarray(ppo.draw_demo_rows(jax.random.PRNGKey(0), demos, 60_000))
+    frequency = np.bincount(rows, minlength=6) / len(rows)
+    np.testing.assert_allclose(frequency, weight / weight.sum(), atol=0.01)
+    assert frequency[0] == 0 and frequency[3] == 0  # a zero weight is never drawn
+    uniform = np.asarray(ppo.draw_demo_rows(jax.random.PRNGKey(1), demos.replace(weight=None), 60_000))
+    np.testing.assert_allclose(np.bincount(uniform, minlength=6) / len(uniform), 1 / 6, atol=0.01)
+
+
+EPISODES = 12
+DETOUR_WEIGHT = 3.0
+
+
 @pytest.fixture(scope="module")
 def reach_demos():
-    """Three expert episodes of a 32x32 VLReach, as a loaded demo file holds them."""
+    """Expert episodes of a 32x32 VLReach with detour weights, as a loaded demo file holds them."""
     env = VLReach(image_size=IMAGE)
-    data = collect_demos(env, 3, seed=0, noise_std=0.1)
+    data = collect_demos(env, EPISODES, seed=0, noise_std=0.1, detour_weight=DETOUR_WEIGHT)
     data["vocab"] = list(env.tokenizer().vocab)
     data["episode_id"] = np.asarray(data["episode_id"])
     return env, data
+
+
+def test_detour_weights_mark_the_episodes_whose_route_bends_at_reset(reach_demos):
+    from jaxrl_vla.tasks.demos import episode_keys
+
+    env, data = reach_demos
+    # the reset of episode e, rebuilt from its key (run_episodes splits it into reset and acting keys)
+    keys = episode_keys(0, 0, EPISODES)
+    states, _ = jax.vmap(env.reset)(jax.vmap(lambda k: jax.random.split(k, 2)[0])(keys))
+    bends = np.array([bool(env.route_detours(jax.tree_util.tree_map(lambda x: x[e], states))) for e in range(EPISODES)])
+    assert 0 < bends.sum() < EPISODES  # the seed gives both kinds of scene
+    expected = np.where(bends[data["episode_id"]], DETOUR_WEIGHT, 1.0)
+    np.testing.assert_array_equal(data["weight"], expected)
+    assert as_demonstrations(data, env).weight is not None
+    with pytest.raises(ValueError, match="detour_weight: CartPole has no route_detours"):
+        collect_demos(make_env("CartPole-v1"), 2, detour_weight=2.0)
 
 
 def test_as_demonstrations_takes_the_envs_observations(reach_demos):
@@ -147,6 +178,7 @@ def test_as_demonstrations_takes_the_envs_observations(reach_demos):
     (lambda d: d.update(rgb=d["rgb"][:, :16]), "observation 'rgb': demonstrations have uint8[16, 32, 3]"),
     (lambda d: d.update(action=d["action"][:, :1]), "action: demonstrations have [1] per step, the env [2]"),
     (lambda d: d.update(vocab=list(reversed(d["vocab"]))), "vocab: the demonstrations' token ids"),
+    (lambda d: d.update(weight=-d["weight"]), "weight: expected"),
 ])
 def test_as_demonstrations_refuses_a_file_for_another_env(reach_demos, change, message):
     env, data = reach_demos

@@ -74,8 +74,10 @@ def only_run_dir(tmp_path: Path) -> Path:
 
 
 def checkpoint_overrides(path: Path) -> list[str]:
+    """The example config on the small checkpoint, its demonstration loss on the demos it was cloned from."""
     return [f"policy.vla_config.model_path={path}",
-            f"policy.vla_config.model_config={json.dumps(small_model_config())}"]
+            f"policy.vla_config.model_config={json.dumps(small_model_config())}",
+            f"algorithm.demo_path={path.parent / 'demos.npz'}"]
 
 
 def assert_same_checkpoint(a: Path, b: Path) -> None:
@@ -248,6 +250,7 @@ def test_finetune_standard_mode_then_export_round_trip(checkpoint, tmp_path):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["global_step"] for r in records] == [8, 16]
     assert "eval/success_rate" in records[-1]
+    assert "loss/demo" in records[-1]  # the example's demonstration loss, on the demos the checkpoint was cloned from
 
     run = load_run(run_dir)
     before = load_file(checkpoint)

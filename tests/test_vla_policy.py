@@ -20,6 +20,9 @@ TINY = {
     "action_dim": 2, "proprio_dim": 4, "image_size": 32, "value_hidden_dim": 16,
 }
 
+# the example configs' demonstration loss reads checkpoints/vl_reach_demos.npz, which tests do not make
+NO_DEMOS = ("algorithm.cfg.demo_coef=0", "algorithm.demo_path=null")
+
 
 class FakeEnv:
     action_space = Box(-1.0, 1.0, (2,))
@@ -190,7 +193,7 @@ def test_trainer_with_frozen_vision_learns_the_same_from_cached_features(tmp_pat
         "trainer.num_envs=4", "trainer.buffer_size=4", "trainer.iterations=2", "trainer.eval_freq=0",
         "trainer.save_freq=0", "algorithm.cfg.batch_size=8", "algorithm.cfg.n_epochs=2", 'policy.freeze=["vision"]',
         "policy.vla_config.model_config.vision_embedding_size=8", "policy.vla_config.model_config.vision_hidden_sizes=[8, 8]",
-        "policy.vla_config.model_config.n_layer=1", f"trainer.output_dir={tmp_path}",
+        "policy.vla_config.model_config.n_layer=1", f"trainer.output_dir={tmp_path}", *NO_DEMOS,
     ]
     cfg = load_config("configs/vla_example/scratch_config.json", overrides)
     encoders = []
@@ -274,7 +277,7 @@ def test_trainer_applies_policy_lr_scale(tmp_path):
         "trainer.save_freq=0", "algorithm.cfg.batch_size=16", "algorithm.cfg.n_epochs=1", 'policy.freeze=["vision"]',
         "algorithm.cfg.lr_schedule=constant",
         "policy.vla_config.model_config.vision_embedding_size=8", "policy.vla_config.model_config.vision_hidden_sizes=[8, 8]",
-        "policy.vla_config.model_config.n_layer=1",
+        "policy.vla_config.model_config.n_layer=1", *NO_DEMOS,
     ]
     moves = {}
     for name, extra in (("plain", []), ("scaled", ['policy.lr_scale={"language": 0.25, "value_fc": 4}'])):

@@ -160,6 +160,17 @@ def demo_loss(params: Any, apply_fn: ApplyFn, demos: Demonstrations) -> jax.Arra
     return jnp.mean(error)
 
 
+def draw_demo_rows(key: jax.Array, demos: Demonstrations, count: int) -> jax.Array:
+    """`count` row indices of `demos`, with replacement: uniform, or in proportion to
+    `demos.weight` (inverse CDF: a binary search per draw, not a [count, D] table)."""
+    size = demos.action.shape[0]
+    if demos.weight is None:
+        return jax.random.randint(key, (count,), 0, size)
+    cdf = jnp.cumsum(demos.weight.astype(jnp.float32))
+    u = jax.random.uniform(key, (count,), jnp.float32) * cdf[-1]
+    return jnp.minimum(jnp.searchsorted(cdf, u, side="right"), size - 1)
+
+
 def ppo_loss(
     params: Any, apply_fn: ApplyFn, batch: Batch, cfg: PPOConfig, aux_loss_fn: AuxLossFn | None = None,
     demos: Demonstrations | None = None,
@@ -324,8 +335,9 @@ def update(
     updates that were applied.
 
     `demos` (all of them, [D, ...]): every minibatch step also scores a demo
-    minibatch of `batch_size` rows drawn uniformly with replacement (`ppo_loss`'s
-    demonstration term); without them the keys and results are as before.
+    minibatch of `batch_size` rows drawn with replacement, uniformly or by
+    `demos.weight` (`draw_demo_rows`; `ppo_loss`'s demonstration term); without
+    them the keys and results are as before.
     """
     num_samples = batch.advantage.shape[0]
     num_minibatches = cfg.num_minibatches(num_samples)
@@ -362,7 +374,8 @@ def update(
         demo_minibatches = None
         if demos is not None:
             epoch_key, demo_key = jax.random.split(epoch_key)
-            demo_minibatches = gather(demos, jax.random.randint(demo_key, (used,), 0, demos.action.shape[0]))
+            pairs = Demonstrations(obs=demos.obs, action=demos.action)
+            demo_minibatches = gather(pairs, draw_demo_rows(demo_key, demos, used))
         order = jax.random.permutation(epoch_key, num_samples)[:used]
         return jax.lax.scan(minibatch_step, carry, (gather(batch, order), demo_minibatches))
 

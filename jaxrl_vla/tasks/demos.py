@@ -31,6 +31,8 @@ steps stored episode by episode in time order):
   truncated         bool    [N]
   success           bool    [N]     info["success"] of the step
   episode_id        int32   [N]     0 .. E-1
+  weight            float32 [N]     optional (--detour-weight): the step's sampling weight in
+                                    PPO's demonstration loss (`algorithm.demo_path`)
   step              int32   [N]     index of the step within its episode
   episode_success   bool    [E]     the episode ended with success
   episode_length    int32   [E]
@@ -89,11 +91,13 @@ def run_episodes(env: Any, act: ActFn, keys: jax.Array, chunk: int = 1) -> dict[
     limit): "obs" (the observation each action was taken from), "action"
     (label), "executed_action", "reward", "terminated", "truncated",
     "success", "valid"; and "final_obs" [E, ...] and "final_state" [E, ...],
-    the observation and env state that ended each episode.
+    the observation and env state that ended each episode, and "initial_state"
+    [E, ...], each episode's state after its reset.
     """
     split = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
     reset_keys, act_keys = split[:, 0], split[:, 1]
     state, obs = jax.vmap(env.reset)(reset_keys)
+    initial_state = state
     num_chunks = -(-int(env.max_episode_steps) // chunk)
     done = jnp.zeros((keys.shape[0],), bool)
 
@@ -122,6 +126,7 @@ def run_episodes(env: Any, act: ActFn, keys: jax.Array, chunk: int = 1) -> dict[
     records = jax.tree_util.tree_map(lambda x: jnp.moveaxis(x.reshape((-1,) + x.shape[2:]), 0, 1), records)
     records["final_obs"] = obs
     records["final_state"] = state
+    records["initial_state"] = initial_state
     return records
 
 
@@ -171,25 +176,39 @@ def flatten_valid(records: dict[str, Any], first_episode: int) -> dict[str, np.n
 
 
 def collect_demos(
-    env: Any, num_episodes: int, seed: int = 0, noise_std: float = 0.1, batch_size: int = 128
+    env: Any, num_episodes: int, seed: int = 0, noise_std: float = 0.1, batch_size: int = 128,
+    detour_weight: float = 1.0,
 ) -> dict[str, np.ndarray]:
     """Run the expert for `num_episodes` and return the file's step and episode arrays.
 
     Batches have a fixed size (the last is padded and trimmed) so the collector
-    compiles once.
+    compiles once. `detour_weight` != 1 adds the "weight" column: the steps of
+    episodes whose expert route bends around another object at reset
+    (`env.route_detours`) weigh `detour_weight`, the others 1. Why: those are the
+    scenes a cloned policy gets wrong most (it cuts past the object), and a few
+    percent of the data, so PPO's demonstration loss draws them more often.
     """
     if num_episodes < 1:
         raise ValueError(f"num_episodes must be >= 1, got {num_episodes}")
+    if not detour_weight > 0:
+        raise ValueError(f"detour_weight must be > 0, got {detour_weight}")
+    if detour_weight != 1.0 and not hasattr(env, "route_detours"):
+        raise ValueError(f"detour_weight: {type(env).__name__} has no route_detours(state) to tell the detour scenes")
     if not hasattr(env, "expert_action"):
         raise ValueError(f"{type(env).__name__} has no expert_action(state); demonstrations need a scripted expert")
     batch = min(batch_size, num_episodes)
     collect = expert_collector(env, float(noise_std))
+    route_detours = jax.jit(jax.vmap(env.route_detours)) if detour_weight != 1.0 else None
     parts = []
     for start in range(0, num_episodes, batch):
         records = jax.device_get(collect(episode_keys(seed, start, batch)))
         keep = min(batch, num_episodes - start)
         records = jax.tree_util.tree_map(lambda x: x[:keep], records)
-        parts.append(flatten_valid(records, start))
+        part = flatten_valid(records, start)
+        if detour_weight != 1.0:
+            detours = np.asarray(route_detours(records["initial_state"]))
+            part["weight"] = np.where(detours[part["episode_id"] - start], detour_weight, 1.0).astype(np.float32)
+        parts.append(part)
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
@@ -275,7 +294,13 @@ def as_demonstrations(demos: dict[str, Any], env: Any, chunk: int = 1) -> Any:
         raise ValueError("vocab: the demonstrations' token ids name other words than the env's tokenizer")
     if chunk > 1:
         action = chunk_labels(action, np.asarray(demos["episode_id"]), chunk)
-    return Demonstrations(obs=obs, action=action)
+    weight = demos.get("weight")
+    if weight is not None:
+        weight = np.asarray(weight, np.float32)
+        if weight.shape != (len(action),) or not np.all(np.isfinite(weight)) or weight.min() < 0 or weight.sum() <= 0:
+            raise ValueError(f"weight: expected {len(action)} finite weights >= 0 with a positive sum, "
+                             f"got shape {list(weight.shape)}")
+    return Demonstrations(obs=obs, action=action, weight=weight)
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -290,6 +315,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--env-kwargs", default="{}", help='JSON of env constructor arguments, e.g. \'{"num_objects": 3}\'')
     parser.add_argument("--noise-std", type=float, default=0.1, help="DART noise on executed actions (default 0.1; 0: pure expert)")
     parser.add_argument("--batch-size", type=int, default=128, help="episodes per jitted batch (memory only; the file does not depend on it)")
+    parser.add_argument("--detour-weight", type=float, default=1.0,
+                        help="sampling weight of the steps of episodes whose route bends around an object at reset, "
+                             "for PPO's demonstration loss (default 1: no weight column)")
     return parser.parse_args(argv)
 
 
@@ -310,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         env = build_env({"name": args.env, **env_kwargs})
-        arrays = collect_demos(env, args.episodes, args.seed, args.noise_std, args.batch_size)
+        arrays = collect_demos(env, args.episodes, args.seed, args.noise_std, args.batch_size, args.detour_weight)
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
