@@ -333,6 +333,15 @@ def aux_text(config: dict) -> str:
     return f"{coef} x MSE of a head predicting {names} (privileged, training only)"
 
 
+def demo_text(config: dict) -> str:
+    """The run's demonstration loss in words (both runs use it when the config does)."""
+    path, coef = config["algorithm"].get("demo_path"), config["algorithm"]["cfg"].get("demo_coef", 0.0)
+    if not path:
+        return "none"
+    return (f"{coef} x squared error of the mean action against expert actions drawn from {path} "
+            f"(its weight column, when present, sets the draws)")
+
+
 def model_text(config: dict) -> str:
     """The trunk's depth and token order, which set how fast it grounds the instruction (the model's own
     defaults and presets fill what the config leaves out)."""
@@ -369,7 +378,8 @@ def markdown(results: list[dict], export: dict | None, config: dict, bc_info: di
         f"minibatches of {a['batch_size']}, Adam {a['learning_rate']} ({a['lr_schedule']}), target_kl {a['target_kl']}, "
         f"gamma {a['gamma']}, GAE lambda {a['gae_lambda']}, reward progress_distance "
         f"\"{config['env']['progress_distance']}\"; auxiliary loss: "
-        f"{aux_text(config)}; model: {model_text(config)}; frozen in the pretrained run: "
+        f"{aux_text(config)}; demonstration loss: {demo_text(config)}; model: {model_text(config)}; "
+        "frozen in the pretrained run: "
         f"{', '.join(config['policy'].get('freeze', [])) or 'nothing'}. "
         f"Evaluation: {t['num_eval_episodes']} deterministic episodes every {t['eval_freq']} iterations (the same episodes "
         "each time); step 0 is the starting policy on those episodes. Wall time counts from the start of the training "

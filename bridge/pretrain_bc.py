@@ -49,9 +49,14 @@ path expert's demos, held-out action MSE 0.34, 0.23, 0.12 after epochs 1-3 of
 a 3-epoch run (63.3% success), and 0.24 -> 0.07 -> 0.05 over epochs 2-4 of a
 4-epoch run (79.3%), so the default is 3 epochs. On the demos of ENV_KWARGS'
 expert (detour_bias 0.1, detour_margin 0.08; 99,393 steps, 17% more), with
-value targets at GAMMA 0.9: 0.42, 0.36, 0.26 and 65.2% success (256 episodes;
-61.3% on 1,024, 23% of them in the 27.5% of scenes that start with an object in
-the way, 76% elsewhere). The numbers below were measured with GAMMA 0.5 (the
+value targets at GAMMA 0.9: 0.42, 0.37, 0.28 and 58.6% success (256 episodes;
+54.4% on 1,024: 18.8% in the 27.5% of scenes that start with an object in the
+way, 67.9% elsewhere). That is the file as `collect_demos` makes it since 2026-12-06 (with
+the weight column, DEMO_DETOUR_WEIGHT); the earlier file, identical but for the
+rewards of 0.4% of its steps (VLReach's path reward has changed since), gave
+0.42, 0.36, 0.26 and 65.2% (61.3% on 1,024, 23% of them in the 27.5% of scenes
+that start with an object in the way, 76% elsewhere): the value targets move the
+clone through the shared trunk. The numbers below were measured with GAMMA 0.5 (the
 value loss shares the trunk, so the discount moves the clone a little): 0.43,
 0.37, 0.24 and 67.2% (65.0% on 1,024, 22% in those scenes). With detour_bias
 alone (margin 0.02): 0.41, 0.29, 0.21, 71.9% (75.1%; 24% in the 21% of

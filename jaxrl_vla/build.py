@@ -126,8 +126,10 @@ def build_lr_scales(policy_cfg: dict, params: Any) -> Any:
     return learning_rate_scales(params, policy_cfg["lr_scale"])
 
 
-def build_demonstrations(algo_cfg: dict, env: Any, chunk: int) -> Any:
-    """`Demonstrations` from `algorithm.demo_path` for the env (None without one)."""
+def build_demonstrations(algo_cfg: dict, env: Any, chunk: int, make_checkpoint: str | None = None) -> Any:
+    """`Demonstrations` from `algorithm.demo_path` for the env (None without one). A missing file's error
+    names the command that makes it: the policy's `make_checkpoint` when given (the BC script writes its
+    demos beside its checkpoint), else the demo collector."""
     path = algo_cfg["demo_path"]
     if path is None:
         return None
@@ -136,8 +138,8 @@ def build_demonstrations(algo_cfg: dict, env: Any, chunk: int) -> Any:
     from jaxrl_vla.tasks.demos import as_demonstrations, load_demos
 
     if not Path(path).is_file():
-        raise ConfigError(f"algorithm.demo_path: no file {path} (make one with python -m jaxrl_vla.tasks.demos "
-                          f"--out {path}; python -m bridge.pretrain_bc writes its demos beside its checkpoint)")
+        make = make_checkpoint or f"python -m jaxrl_vla.tasks.demos --out {path}"
+        raise ConfigError(f"algorithm.demo_path: no file {path}; make it with: {make}")
     try:
         return as_demonstrations(load_demos(path), env, chunk)
     except (ValueError, KeyError, OSError) as err:
@@ -164,7 +166,8 @@ def _build_trainer(cfg: dict) -> Any:
     algorithm = build_algorithm(cfg["algorithm"])
     policy, params, mask = build_policy(cfg["policy"], env)
     kwargs = trainer_kwargs(cfg)
-    demos = build_demonstrations(cfg["algorithm"], env, cfg["policy"]["action_chunk"])
+    demos = build_demonstrations(cfg["algorithm"], env, cfg["policy"]["action_chunk"],
+                                 cfg["policy"].get("vla_config", {}).get("make_checkpoint"))
     common = dict(init_params=params, trainable_mask=mask, lr_scales=build_lr_scales(cfg["policy"], params), config=cfg,
                   demos=demos)
     if cfg["trainer"]["buffer_type"] == "vla" or getattr(env, "is_host_env", False):

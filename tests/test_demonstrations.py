@@ -261,5 +261,6 @@ def test_demo_settings_are_config_errors(tmp_path):
         resolve({"algorithm": {"demo_path": "d.npz"}, "env": {"name": "Pendulum-v1"}})
     cfg = resolve({"algorithm": {"demo_path": str(tmp_path / "none.npz"), "cfg": {"demo_coef": 1.0}},
                    "env": {"name": "Pendulum-v1"}})
-    with pytest.raises(ConfigError, match="algorithm.demo_path: no file .*none.npz"):
+    with pytest.raises(ConfigError, match="algorithm.demo_path: no file .*none.npz; make it with: "
+                                          "python -m jaxrl_vla.tasks.demos --out"):
         build_trainer(cfg)
