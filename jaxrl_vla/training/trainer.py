@@ -169,7 +169,7 @@ class Trainer:
       iterations    planned iterations (fixes the LR schedule); train() may override
       success_key   info key counted as task success (the env's "success" by default)
       demos         expert `Demonstrations` (raw observations, host or device arrays) for PPO's
-                    demonstration loss, weighted by algorithm.demo_coef (> 0 needs them)
+                    demonstration loss, weighted by algorithm.cfg.demo_coef (> 0 needs them)
       iterations_per_call  iterations per jitted call (standard mode with a JAX env); must divide
                     eval_freq and save_freq; 0: auto, calls of ~CALL_TARGET_SECONDS of up to
                     `auto_iterations_per_call` iterations (`adaptive_call_iterations`)
