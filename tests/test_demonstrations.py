@@ -264,3 +264,26 @@ def test_demo_settings_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="algorithm.demo_path: no file .*none.npz; make it with: "
                                           "python -m jaxrl_vla.tasks.demos --out"):
         build_trainer(cfg)
+
+
+def test_resume_with_demonstrations_ends_with_the_same_parameters(tmp_path):
+    """The demonstrations are an argument of every call, not state: a stopped run resumed with the same
+    demonstrations draws the same demo minibatches (their keys come from the checkpointed state)."""
+    env = make_env("Pendulum-v1")
+    policy = ActorCritic(env.action_space, (16, 16))
+    cfg = ppo.PPOConfig(learning_rate=3e-3, n_epochs=2, batch_size=64, demo_coef=1.0)
+
+    def trainer(directory, **kw):
+        return Trainer(policy, env, cfg, buffer_size=16, num_envs=8, iterations=4, output_dir=directory,
+                       exp_name="r", eval_freq=0, progress=False, iterations_per_call=1, demos=pendulum_demos(), **kw)
+
+    uninterrupted = trainer(tmp_path / "a")
+    uninterrupted.train()
+    stopper = trainer(tmp_path / "b", log_fn=lambda r: r["iteration"] == 2 and stopper.request_stop())
+    stopper.train()
+    assert stopper.interrupted and int(stopper.state.iteration) < 4
+    resumed = trainer(tmp_path / "b")
+    resumed.train(resume=stopper.run_dir)
+    same = jax.tree_util.tree_map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
+                                  uninterrupted.state.params, resumed.state.params)
+    assert all(jax.tree_util.tree_leaves(same))
