@@ -271,11 +271,12 @@ def as_demonstrations(demos: dict[str, Any], env: Any, chunk: int = 1) -> Any:
     otherwise teach the policy silently wrong pairs. Raises ValueError naming the
     key. `chunk` > 1 gives [N, chunk, A] labels (`chunk_labels`).
     """
+    from jaxrl_vla.envs.base import PRIVILEGED_PREFIX
     from jaxrl_vla.types import Demonstrations
 
     obs = {}
     for key, space in env.observation_space.items():
-        if key.startswith("privileged_"):
+        if key.startswith(PRIVILEGED_PREFIX):
             continue
         if key not in demos:
             raise ValueError(f"observation key {key!r} of the env is missing from the demonstrations "
