@@ -110,7 +110,10 @@ def test_example_configs_match_the_bc_model():
     # each twin differs from train_config.json only where it must
     assert scratch["algorithm"] == pretrained["algorithm"] and scratch["env"] == pretrained["env"]
     assert without(scratch["trainer"], "exp_name") == without(pretrained["trainer"], "exp_name")
-    assert scratch["policy"]["freeze"] == [] and pretrained["policy"]["freeze"] == ["vision"]  # no checkpoint, nothing frozen
+    # both train everything; the pretrained ResNet at a lower rate, the random one at the full rate
+    assert scratch["policy"]["freeze"] == [] and pretrained["policy"]["freeze"] == []
+    assert pretrained["policy"]["lr_scale"] == {"vision": 0.3} and "lr_scale" not in scratch["policy"]
+    assert without(scratch["policy"], "freeze", "lr_scale", "vla_config") == without(pretrained["policy"], "freeze", "lr_scale", "vla_config")
     assert vla_mode["algorithm"] == pretrained["algorithm"] and vla_mode["env"] == pretrained["env"]
     assert vla_mode["policy"] == pretrained["policy"]
     vla_only = ("exp_name", "buffer_type", "buffer_size", "num_collectors")
