@@ -333,6 +333,12 @@ def aux_text(config: dict) -> str:
     return f"{coef} x MSE of a head predicting {names} (privileged, training only)"
 
 
+def lr_scale_text(config: dict) -> str:
+    """policy.lr_scale as "vision x0.3" (the per-module learning rates), or "none"."""
+    scales = config["policy"].get("lr_scale") or {}
+    return ", ".join(f"{prefix} x{scale:g}" for prefix, scale in sorted(scales.items())) or "none"
+
+
 def demo_text(config: dict) -> str:
     """The run's demonstration loss in words (both runs use it when the config does)."""
     path, coef = config["algorithm"].get("demo_path"), config["algorithm"]["cfg"].get("demo_coef", 0.0)
@@ -380,7 +386,8 @@ def markdown(results: list[dict], export: dict | None, config: dict, bc_info: di
         f"\"{config['env']['progress_distance']}\"; auxiliary loss: "
         f"{aux_text(config)}; demonstration loss: {demo_text(config)}; model: {model_text(config)}; "
         "frozen in the pretrained run: "
-        f"{', '.join(config['policy'].get('freeze', [])) or 'nothing'}. "
+        f"{', '.join(config['policy'].get('freeze', [])) or 'nothing'}; "
+        f"lr multipliers there: {lr_scale_text(config)}. "
         f"Evaluation: {t['num_eval_episodes']} deterministic episodes every {t['eval_freq']} iterations (the same episodes "
         "each time); step 0 is the starting policy on those episodes. Wall time counts from the start of the training "
         "process (imports, conversion, compilation and evaluations included); the runs were given "

@@ -3,10 +3,11 @@
     python benchmarks/vision_probe.py                 # ~2 min on 2 cores
     python benchmarks/vision_probe.py --no-write
 
-Why this exists: the example fine-tunes with the BC-trained ResNet frozen
-(`policy.freeze: ["vision"]`), so the trunk can only ground an instruction in
-what the 16 image tokens (one per cell of the 4x4 feature map, one per cell of
-VLReach's layout grid) already say. This script asks how much that is: it
+Why this exists: the example fine-tuned with the BC-trained ResNet frozen
+(`policy.freeze: ["vision"]`) until 2026-12-06 (it now trains it at 0.3 of the
+lr), so the trunk could only ground an instruction in what the 16 image tokens
+(one per cell of the 4x4 feature map, one per cell of VLReach's layout grid)
+already say. This script asks how much that is: it
 renders fresh scenes, encodes them with the checkpoint's frozen encoder
 (`VLAPolicy.with_image_features`, exactly what the rollout stores), labels
 every token with what stands in its layout cell (nothing, or one colour x
