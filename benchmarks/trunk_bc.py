@@ -12,8 +12,7 @@ instruction at all. This script isolates it: the BC checkpoint's ResNet
 encodes the expert demonstrations once (as the example's rollout does with
 the encoder frozen), and a trunk initialised from scratch is behaviour-cloned
 in JAX on those features (Adam, action-mean MSE plus 0.5 x value MSE against
-the demos' discounted returns, the velocity proprio entries zeroed as in
-`bridge.pretrain_bc`). After every epoch: held-out action MSE and closed-loop
+the demos' discounted returns). After every epoch: held-out action MSE and closed-loop
 success of the deterministic policy (ResNet + trunk) in the JAX env.
 
 A variant is `TOKEN_ORDER:N_LAYER` (the GPTVLAModel config's `token_order`
@@ -75,16 +74,14 @@ def demo_dataset(demos_path: str, policy: Any, variables: Any) -> tuple[dict, np
     """(obs with frozen `image_features` [N, I, C], expert actions, returns, episode ids) of the demos."""
     import jax
 
-    from bridge.pretrain_bc import GAMMA, PROPRIO_POSITION_DIMS, discounted_returns
+    from bridge.pretrain_bc import GAMMA, discounted_returns
     from jaxrl_vla.tasks import demos as demo_lib
 
     if not Path(demos_path).is_file():
         raise SystemExit(f"--demos {demos_path} does not exist: run `python -m bridge.pretrain_bc` first (it makes them)")
     data = demo_lib.load_demos(demos_path)
     features = vision_probe.frozen_image_features(policy, variables, data["rgb"], chunk=2048)
-    proprio = data["proprio"].copy()
-    proprio[:, PROPRIO_POSITION_DIMS:] = 0.0
-    obs = {"image_features": features, "proprio": proprio, "language": data["language"],
+    obs = {"image_features": features, "proprio": data["proprio"], "language": data["language"],
            "language_mask": data["language_mask"]}
     returns = discounted_returns(data["reward"], data["episode_id"], GAMMA)
     return jax.device_put(obs), data["action"], returns, data["episode_id"]
@@ -97,7 +94,6 @@ def train_trunk(model_config: dict, checkpoint_variables: dict, env: Any, datase
     import jax.numpy as jnp
     import optax
 
-    from bridge.pretrain_bc import PROPRIO_POSITION_DIMS
     from jaxrl_vla.models.vla.gpt_vla import GPTVLAModel, VLAModelConfig
     from jaxrl_vla.tasks.demos import run_episodes
 
@@ -140,7 +136,6 @@ def train_trunk(model_config: dict, checkpoint_variables: dict, env: Any, datase
     @jax.jit
     def closed_loop_success(p, keys):
         def act(state, o, step_keys):
-            o = {**o, "proprio": o["proprio"].at[:, PROPRIO_POSITION_DIMS:].set(0.0)}  # as BC saw it
             mean = model.apply(variables_of(p), o, method="forward")
             return mean[:, None], mean[:, None]
 

@@ -97,7 +97,7 @@ ENV_ID = "VLReach-v0"
 # success in those scenes against 63%).
 ENV_KWARGS: dict[str, Any] = {"num_objects": 4, "image_size": 64, "action_dim": 2, "max_episode_steps": 50,
                               "wrong_object_penalty": 0.0, "progress_distance": "path", "detour_bias": 0.1,
-                              "detour_margin": 0.08}
+                              "detour_margin": 0.08, "proprio_velocity": False}
 MODEL_CLASS = "bridge.vla_models.GPTVLAModel"
 # A tiny GPTVLAModel for 64x64 images. The ResNet (stem 64 -> 16 px, then stages at 8 and 4 px) keeps
 # its 4x4 feature map as 16 spatial image tokens, one per cell of VLReach's 4x4 layout grid, so the
@@ -117,7 +117,7 @@ MODEL_CONFIG: dict[str, Any] = {
     "max_instruction_length": 8,
     "action_dim": 2,
     "action_chunk": 1,
-    "proprio_dim": 4,
+    "proprio_dim": 2,  # the effector position (proprio_velocity=False, below)
     "image_size": 64,
     "value_hidden_dim": 64,
     "init_log_std": -1.0,
@@ -129,12 +129,13 @@ MODEL_CONFIG: dict[str, Any] = {
     "token_order": "instruction_first",
 }
 OBS_KEYS = ("rgb", "proprio", "language", "language_mask")
-# VLReach's proprio is [effector x, y, last velocity command dx, dy]. The last command is almost the
-# expert's next label (its paths are straight lines), so a cloned policy that sees it learns to repeat
-# its previous action: low training loss, but in closed loop its first (unguided) move is simply kept
-# and the target's image and instruction are ignored ("copycat" behaviour). BC therefore trains with
-# the velocity entries zeroed and saves their input weights as 0; PPO is free to learn to use them.
-PROPRIO_POSITION_DIMS = 2
+# proprio_velocity=False (ENV_KWARGS): the policy sees the effector's position, not its last velocity
+# command. That command is almost the expert's next label (its paths are straight lines), so a policy
+# cloned with it as an input learns to repeat its previous action ("copycat"): lower training loss,
+# worse in closed loop. Earlier checkpoints zeroed that input during BC only, and PPO's demonstration
+# loss (algorithm.demo_path) then taught the trainable input to copy it again (one epoch of BC with
+# it: closed-loop success 76.7% against 83.2%, docs/finetune_findings.md); without the input there is
+# nothing to copy in BC, in PPO or in its demonstrations.
 # Discount of the value targets: the example configs' algorithm.cfg.gamma (a test checks they agree),
 # so the critic PPO starts from is calibrated to the returns it will be trained on. 0.9, not shorter:
 # at 0.5 a wrong touch 4 steps ahead costs the current action 0.06 of return, and PPO fine-tuning
@@ -274,7 +275,7 @@ def mirrored_expert_actions(data: dict[str, Any], states: Any, env: Any, batch: 
     import jax.numpy as jnp
 
     episode = data["episode_id"]
-    effector = (np.asarray(data["proprio"][:, :PROPRIO_POSITION_DIMS], np.float32) + 1.0) / 2.0
+    effector = (np.asarray(data["proprio"][:, :2], np.float32) + 1.0) / 2.0  # proprio's x, y
     rows = jax.tree_util.tree_map(lambda x: np.asarray(x)[episode], states)
     rows = rows.replace(effector=mirror_x(effector), object_pos=mirror_x(np.asarray(rows.object_pos)))
     expert = jax.jit(jax.vmap(env.expert_action))
@@ -328,7 +329,7 @@ def augment(batch: dict[str, np.ndarray], labels: dict[str, np.ndarray], rng: np
     mirror = rng.random(size) < 0.5
     rgb[mirror] = rgb[mirror, :, ::-1]
     proprio = batch["proprio"].copy()
-    proprio[mirror, 0] *= -1.0  # x in [-1, 1] (the velocity entries are zeroed)
+    proprio[mirror, 0] *= -1.0  # x in [-1, 1]
     labels["action"][mirror] = labels["mirror_action"][mirror]  # the expert's own label there (not -x)
     labels["target_xy"][mirror, 0] *= -1.0
     labels["scene"][mirror, :, :, 1] *= -1.0
@@ -336,10 +337,8 @@ def augment(batch: dict[str, np.ndarray], labels: dict[str, np.ndarray], rng: np
 
 
 def numpy_batch(data: dict[str, Any], index: np.ndarray) -> dict[str, np.ndarray]:
-    """The demo rows `index` as observation arrays, velocity inputs zeroed."""
-    batch = {key: np.ascontiguousarray(data[key][index]) for key in OBS_KEYS}
-    batch["proprio"][:, PROPRIO_POSITION_DIMS:] = 0.0
-    return batch
+    """The demo rows `index` as observation arrays."""
+    return {key: np.ascontiguousarray(data[key][index]) for key in OBS_KEYS}
 
 
 def to_torch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -347,14 +346,6 @@ def to_torch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
     import torch
 
     return {key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in batch.items()}
-
-
-def ignore_velocity_inputs(model: Any) -> None:
-    """Zero the proprio projection's weights on the velocity entries (see PROPRIO_POSITION_DIMS)."""
-    import torch
-
-    with torch.no_grad():
-        model.proprio_proj.weight[:, PROPRIO_POSITION_DIMS:] = 0.0
 
 
 def split_episodes(episode_id: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -786,7 +777,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     history = train_bc(model, data, labels, args, detour)
     train_seconds = time.perf_counter() - t0
     set_log_std(model, args.log_std)
-    ignore_velocity_inputs(model)
     metadata = {"format": "pt", "model_class": MODEL_CLASS, "model_config": json.dumps(model_config, sort_keys=True)}
     save_safetensors(model.state_dict(), out, metadata)
     critic = None

@@ -127,9 +127,10 @@ def build_lr_scales(policy_cfg: dict, params: Any) -> Any:
 
 
 def build_demonstrations(algo_cfg: dict, env: Any, chunk: int, make_checkpoint: str | None = None) -> Any:
-    """`Demonstrations` from `algorithm.demo_path` for the env (None without one). A missing file's error
-    names the command that makes it: the policy's `make_checkpoint` when given (the BC script writes its
-    demos beside its checkpoint), else the demo collector."""
+    """`Demonstrations` from `algorithm.demo_path` for the env (None without one), augmented by the env's
+    `augment_demonstration` with `algorithm.demo_augment`. A missing file's error names the command that
+    makes it: the policy's `make_checkpoint` when given (the BC script writes its demos beside its
+    checkpoint), else the demo collector."""
     path = algo_cfg["demo_path"]
     if path is None:
         return None
@@ -140,8 +141,13 @@ def build_demonstrations(algo_cfg: dict, env: Any, chunk: int, make_checkpoint: 
     if not Path(path).is_file():
         make = make_checkpoint or f"python -m jaxrl_vla.tasks.demos --out {path}"
         raise ConfigError(f"algorithm.demo_path: no file {path}; make it with: {make}")
+    augment = None
+    if algo_cfg["demo_augment"]:
+        augment = getattr(env, "augment_demonstration", None)
+        if augment is None:
+            raise ConfigError(f"algorithm.demo_augment: {type(env).__name__} has no augment_demonstration(key, obs, action)")
     try:
-        return as_demonstrations(load_demos(path), env, chunk)
+        return as_demonstrations(load_demos(path), env, chunk).replace(augment=augment)
     except (ValueError, KeyError, OSError) as err:
         raise ConfigError(f"algorithm.demo_path: {path}: {err}") from None
 

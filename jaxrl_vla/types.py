@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 from flax import struct
@@ -64,11 +64,16 @@ class Demonstrations:
              observation: [D, A], or [D, H, A] for a policy that emits chunks of H
     weight   [D] relative sampling weights (None: uniform), e.g. more draws from the
              demonstrations of the hard scenes a clone gets wrong
+    augment  (key, obs, action) -> (obs, action) for ONE demonstration (static, not a
+             leaf): a label-preserving augmentation applied afresh to every draw
+             (`VLReach.augment_demonstration`; `algorithm.demo_augment`), or None
     """
 
     obs: PyTree
     action: jax.Array
     weight: jax.Array | None = None
+    augment: Callable[[jax.Array, PyTree, jax.Array], tuple[PyTree, jax.Array]] | None = struct.field(
+        pytree_node=False, default=None)
 
     @property
     def size(self) -> int:

@@ -107,6 +107,36 @@ def test_update_fits_the_policy_to_the_demonstrations():
     np.testing.assert_allclose(np.asarray(plain_params["w"]), np.asarray(params["w"]), atol=1e-6)
 
 
+def test_update_fits_the_augmented_demonstrations():
+    """With `demos.augment` the loss reads every draw through it: an augmentation that relabels each draw by
+    another linear map (and shifts the observation by a key-dependent sign) pulls the policy onto that map."""
+    params = gaussian_params()
+    rng = np.random.default_rng(4)
+    other = np.array([[-0.8, 0.3], [0.2, 0.9], [0.6, -0.4]], np.float32)
+
+    def relabel(key, obs, action):
+        flipped = jnp.where(jax.random.bernoulli(key), -obs, obs)  # a label-consistent change per draw
+        return flipped, flipped @ jnp.asarray(other)
+
+    demos = demos_for(rng.normal(size=(512, 3)).astype(np.float32)).replace(augment=relabel)
+    batch = batch_of(rng.normal(size=(256, 3)).astype(np.float32), params)
+    cfg = ppo.PPOConfig(learning_rate=3e-2, n_epochs=8, batch_size=64, vf_coef=0.0, demo_coef=1.0, max_grad_norm=10.0)
+    optimizer = ppo.make_optimizer(cfg, 32)
+    new_params, _, _ = jax.jit(lambda p, s, k, d: ppo.update(p, s, batch, k, apply_fn=gaussian_policy,
+                                                             optimizer=optimizer, cfg=cfg, demos=d))(
+        params, optimizer.init(params), jax.random.PRNGKey(0), demos)
+    relabelled = demos_for(np.asarray(demos.obs)).replace(action=demos.obs @ jnp.asarray(other))
+
+    def error(p):
+        return float(ppo.demo_loss(p, gaussian_policy, relabelled))
+
+    assert error(new_params) < 0.2 * error(params)
+    # without the augmentation the same update fits the file's own labels instead
+    plain, _, _ = ppo.update(params, optimizer.init(params), batch, jax.random.PRNGKey(0), apply_fn=gaussian_policy,
+                             optimizer=optimizer, cfg=cfg, demos=demos.replace(augment=None))
+    assert error(plain) > 0.5 * error(params)
+
+
 def test_chunk_labels_follow_the_episode_and_stop_at_its_end():
     rng = np.random.default_rng(4)
     episode_id = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2], np.int32)
@@ -263,6 +293,14 @@ def test_demo_settings_are_config_errors(tmp_path):
                    "env": {"name": "Pendulum-v1"}})
     with pytest.raises(ConfigError, match="algorithm.demo_path: no file .*none.npz; make it with: "
                                           "python -m jaxrl_vla.tasks.demos --out"):
+        build_trainer(cfg)
+    with pytest.raises(ConfigError, match="demo_augment needs algorithm.demo_path"):
+        resolve({"algorithm": {"demo_augment": True}, "env": {"name": "Pendulum-v1"}})
+    pendulum = tmp_path / "pendulum.npz"
+    pendulum.write_bytes(b"")  # never read: the env is checked first
+    cfg = resolve({"algorithm": {"demo_path": str(pendulum), "demo_augment": True, "cfg": {"demo_coef": 1.0}},
+                   "env": {"name": "Pendulum-v1"}})
+    with pytest.raises(ConfigError, match="algorithm.demo_augment: Pendulum.* has no augment_demonstration"):
         build_trainer(cfg)
 
 

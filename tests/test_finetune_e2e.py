@@ -188,8 +188,8 @@ def test_bc_is_deterministic_and_loadable(checkpoint, tmp_path):
     assert info["model_config"] == small_model_config()
     module, variables = load_vla_model(checkpoint, pretrain_bc.MODEL_CLASS, info["model_config"])
     np.testing.assert_array_equal(np.asarray(variables["params"]["log_std"]), [-1.0, -1.0])
-    proprio = np.asarray(variables["params"]["proprio_proj"]["kernel"])
-    assert not proprio[pretrain_bc.PROPRIO_POSITION_DIMS:].any()  # the velocity inputs are cut (copycat)
+    # the policy reads the effector position only: no last command to copy (copycat)
+    assert np.asarray(variables["params"]["proprio_proj"]["kernel"]).shape[0] == 2
 
 
 def test_bc_learns_batchnorm_statistics(checkpoint):
@@ -234,7 +234,7 @@ def one_observation(batch: int = 1) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     return {
         "rgb": rng.integers(0, 256, (batch, 64, 64, 3), dtype=np.uint8),
-        "proprio": rng.uniform(-1, 1, (batch, 4)).astype(np.float32),
+        "proprio": rng.uniform(-1, 1, (batch, pretrain_bc.MODEL_CONFIG["proprio_dim"])).astype(np.float32),
         "language": rng.integers(2, 18, (batch, 8)).astype(np.int32),
         "language_mask": np.arange(8)[None].repeat(batch, 0) < rng.integers(3, 9, (batch, 1)),
     }

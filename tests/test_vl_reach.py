@@ -584,3 +584,47 @@ def test_scratch_config_builds():
     env = build_env(cfg["env"])
     assert isinstance(env, VLReach)
     build_policy(cfg["policy"], env)
+
+
+def test_proprio_without_velocity_is_the_effector_position():
+    """proprio_velocity=False: proprio is the effector position alone (the last command is not observed), in both
+    the space and every observation; the dynamics are unchanged."""
+    with_velocity, position_only = VLReach(image_size=16), VLReach(image_size=16, proprio_velocity=False)
+    assert position_only.observation_space["proprio"].shape == (2,)
+    assert position_only.config()["proprio_velocity"] is False and with_velocity != position_only
+    key = jax.random.PRNGKey(3)
+    state_a, obs_a = with_velocity.reset(key)
+    state_b, obs_b = position_only.reset(key)
+    action = jnp.asarray([0.6, -0.3])
+    for _ in range(3):
+        state_a, step_a = with_velocity.step(state_a, action)
+        state_b, step_b = position_only.step(state_b, action)
+        np.testing.assert_allclose(step_b.obs["proprio"], 2.0 * np.asarray(state_b.effector) - 1.0, atol=1e-6)
+        np.testing.assert_allclose(step_a.obs["proprio"][:2], step_b.obs["proprio"])
+        np.testing.assert_allclose(step_a.obs["proprio"][2:], action)  # the default keeps the last command
+        assert float(step_a.reward) == float(step_b.reward)
+
+
+def test_augment_demonstration_is_the_same_scene_in_other_colours():
+    """The augmented observation is exactly what the env renders and says for the same scene with the objects'
+    colours permuted (found among all 24 permutations), the action is unchanged, and over many keys every colour
+    gets moved: the instruction still names the object the expert's action goes to."""
+    import itertools
+
+    env = VLReach(image_size=32)
+    state, obs = env.reset(jax.random.PRNGKey(11))
+    action = jnp.asarray([0.25, -0.5])
+    augment = jax.jit(env.augment_demonstration)
+    seen = set()
+    for i in range(12):
+        out, out_action = augment(jax.random.PRNGKey(i), obs, action)
+        np.testing.assert_array_equal(out_action, action)
+        matches = []
+        for perm in itertools.permutations(range(len(COLOURS))):
+            recoloured = state.replace(object_colour=jnp.asarray(perm, jnp.int32)[state.object_colour])
+            expected = env.observe(recoloured)
+            if all(np.array_equal(out[k], expected[k]) for k in ("rgb", "language", "language_mask", "proprio")):
+                matches.append(tuple(np.asarray(perm)[np.asarray(state.object_colour)]))
+        assert matches, f"key {i}: the augmented observation is no recolouring of the scene"
+        seen.add(matches[0])
+    assert len(seen) > 3  # the colours of the scene's objects really vary with the key

@@ -336,8 +336,9 @@ def update(
 
     `demos` (all of them, [D, ...]): every minibatch step also scores a demo
     minibatch of `batch_size` rows drawn with replacement, uniformly or by
-    `demos.weight` (`draw_demo_rows`; `ppo_loss`'s demonstration term); without
-    them the keys and results are as before.
+    `demos.weight` (`draw_demo_rows`; `ppo_loss`'s demonstration term), each draw
+    augmented afresh by `demos.augment` when it has one; without them the keys
+    and results are as before.
     """
     num_samples = batch.advantage.shape[0]
     num_minibatches = cfg.num_minibatches(num_samples)
@@ -375,7 +376,16 @@ def update(
         if demos is not None:
             epoch_key, demo_key = jax.random.split(epoch_key)
             pairs = Demonstrations(obs=demos.obs, action=demos.action)
+            augment_key = None
+            if demos.augment is not None:
+                demo_key, augment_key = jax.random.split(demo_key)
             demo_minibatches = gather(pairs, draw_demo_rows(demo_key, demos, used))
+            if augment_key is not None:  # [M, mb] draws, each with its own key
+                keys = jax.random.split(augment_key, (num_minibatches, cfg.batch_size))
+                obs, action = jax.vmap(jax.vmap(demos.augment))(keys, demo_minibatches.obs, demo_minibatches.action)
+                demo_minibatches = Demonstrations(obs=obs, action=action)
+                if minibatch_sharding is not None:
+                    demo_minibatches = jax.lax.with_sharding_constraint(demo_minibatches, minibatch_sharding)
         order = jax.random.permutation(epoch_key, num_samples)[:used]
         return jax.lax.scan(minibatch_step, carry, (gather(batch, order), demo_minibatches))
 

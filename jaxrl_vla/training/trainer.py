@@ -234,6 +234,9 @@ class Trainer:
             raise ValueError("algorithm.cfg.demo_coef > 0 needs demonstrations (algorithm.demo_path)" if demos is None
                              else "demonstrations were given but algorithm.cfg.demo_coef is 0: they would be unused")
         self.demos = demos
+        if demos is not None and demos.augment is not None and self._rollout_encoder() is not None:
+            raise ValueError("algorithm.demo_augment: the augmentation reads the demonstrations' pixels, but with the "
+                             "vision encoder frozen (policy.freeze) the learner reads its precomputed features instead")
         self._demo_encoder: Callable | None = None  # set by _build: the rollout's frozen-vision encoder
         self._device_demos: Demonstrations | None = None  # set by train: the demos as the learner reads them
         self.samples_per_iteration = self.buffer_size * self.num_envs
@@ -287,8 +290,7 @@ class Trainer:
         total_grad_steps = total_iterations * self.cfg.n_epochs * num_minibatches
         self.optimizer = ppo.make_optimizer(self.cfg, total_grad_steps, self.trainable_mask, self.lr_scales)
         apply_fn = self.policy.apply
-        # a frozen vision encoder runs once per collected sample, not once per epoch (raw obs only)
-        obs_encoder = None if self.normalize_observations else frozen_vision_encoder(self.policy, self.trainable_mask)
+        obs_encoder = self._rollout_encoder()
         self._demo_encoder = obs_encoder
         rollout = make_rollout_fn(apply_fn, self.vec_env, self.buffer_size, self.chunk, obs_encoder,
                                   self.cfg.noise_correlation)
@@ -346,6 +348,11 @@ class Trainer:
         )
         size = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(self.mesh))
         return program.lower(self._abstract_state, size, self._abstract_demos).compile()
+
+    def _rollout_encoder(self) -> Callable | None:
+        """The frozen vision encoder the rollout stores features with, or None: it then runs once per
+        collected sample, not once per epoch (raw observations only, so not with normalisation)."""
+        return None if self.normalize_observations else frozen_vision_encoder(self.policy, self.trainable_mask)
 
     def _encode_demos(self, params: Any, demos: Demonstrations | None) -> Demonstrations | None:
         """The demonstrations as the learner reads them: through the rollout's frozen vision encoder
