@@ -217,7 +217,7 @@ def export_round_trip(run_dir: Path, batch: int = 64) -> dict:
 
 
 def observation_batch(env: Any, batch: int, seed: int = 7) -> dict:
-    """Observations from fresh resets plus a few random steps (so proprio velocities are not all 0)."""
+    """Observations from fresh resets plus a few random steps (effectors away from their start)."""
     import jax
 
     from jaxrl_vla.envs.wrappers import VecEnv
@@ -344,8 +344,10 @@ def demo_text(config: dict) -> str:
     path, coef = config["algorithm"].get("demo_path"), config["algorithm"]["cfg"].get("demo_coef", 0.0)
     if not path:
         return "none"
+    augmented = ", each draw recoloured and mirrored afresh (algorithm.demo_augment)" if config["algorithm"].get(
+        "demo_augment") else ""
     return (f"{coef} x squared error of the mean action against expert actions drawn from {path} "
-            f"(its weight column, when present, sets the draws)")
+            f"(its weight column, when present, sets the draws{augmented})")
 
 
 def model_text(config: dict) -> str:

@@ -138,18 +138,28 @@ def build_demonstrations(algo_cfg: dict, env: Any, chunk: int, make_checkpoint: 
 
     from jaxrl_vla.tasks.demos import as_demonstrations, load_demos
 
+    make = make_checkpoint or f"python -m jaxrl_vla.tasks.demos --out {path}"
     if not Path(path).is_file():
-        make = make_checkpoint or f"python -m jaxrl_vla.tasks.demos --out {path}"
         raise ConfigError(f"algorithm.demo_path: no file {path}; make it with: {make}")
     augment = None
     if algo_cfg["demo_augment"]:
         augment = getattr(env, "augment_demonstration", None)
         if augment is None:
-            raise ConfigError(f"algorithm.demo_augment: {type(env).__name__} has no augment_demonstration(key, obs, action)")
+            raise ConfigError(f"algorithm.demo_augment: {type(env).__name__} has no augment_demonstration")
+        if chunk > 1:
+            raise ConfigError(f"algorithm.demo_augment: the augmentation relabels single actions, but policy.action_chunk "
+                              f"is {chunk}")
     try:
-        return as_demonstrations(load_demos(path), env, chunk).replace(augment=augment)
+        demos = as_demonstrations(load_demos(path), env, chunk)
     except (ValueError, KeyError, OSError) as err:
         raise ConfigError(f"algorithm.demo_path: {path}: {err}") from None
+    if augment is None:
+        return demos
+    missing = [key for key in env.demo_augment_label_keys if key not in (demos.augment_labels or {})]
+    if missing:
+        raise ConfigError(f"algorithm.demo_augment: {path} has no {', '.join(missing)} column (made before it "
+                          f"existed?); make it anew with: {make}")
+    return demos.replace(augment=augment)
 
 
 def build_trainer(cfg: dict) -> Any:

@@ -64,15 +64,18 @@ class Demonstrations:
              observation: [D, A], or [D, H, A] for a policy that emits chunks of H
     weight   [D] relative sampling weights (None: uniform), e.g. more draws from the
              demonstrations of the hard scenes a clone gets wrong
-    augment  (key, obs, action) -> (obs, action) for ONE demonstration (static, not a
-             leaf): a label-preserving augmentation applied afresh to every draw
-             (`VLReach.augment_demonstration`; `algorithm.demo_augment`), or None
+    augment_labels  {name: [D, ...]} further per-row labels that `augment` reads (VLReach:
+             "mirror_action", the expert's action in the mirrored scene), or None
+    augment  (key, obs, action, augment_labels) -> (obs, action) for ONE demonstration
+             (static, not a leaf): a label-preserving augmentation applied afresh to
+             every draw (`VLReach.augment_demonstration`; `algorithm.demo_augment`), or None
     """
 
     obs: PyTree
     action: jax.Array
     weight: jax.Array | None = None
-    augment: Callable[[jax.Array, PyTree, jax.Array], tuple[PyTree, jax.Array]] | None = struct.field(
+    augment_labels: PyTree = None
+    augment: Callable[[jax.Array, PyTree, jax.Array, PyTree], tuple[PyTree, jax.Array]] | None = struct.field(
         pytree_node=False, default=None)
 
     @property

@@ -108,17 +108,19 @@ def test_update_fits_the_policy_to_the_demonstrations():
 
 
 def test_update_fits_the_augmented_demonstrations():
-    """With `demos.augment` the loss reads every draw through it: an augmentation that relabels each draw by
-    another linear map (and shifts the observation by a key-dependent sign) pulls the policy onto that map."""
+    """With `demos.augment` the loss reads every draw through it, with the draw's own row of
+    `demos.augment_labels`: an augmentation that takes its label from there (another linear map, with a
+    key-dependent sign flip of observation and label) pulls the policy onto that map."""
     params = gaussian_params()
     rng = np.random.default_rng(4)
     other = np.array([[-0.8, 0.3], [0.2, 0.9], [0.6, -0.4]], np.float32)
 
-    def relabel(key, obs, action):
-        flipped = jnp.where(jax.random.bernoulli(key), -obs, obs)  # a label-consistent change per draw
-        return flipped, flipped @ jnp.asarray(other)
+    def relabel(key, obs, action, labels):
+        sign = jnp.where(jax.random.bernoulli(key), -1.0, 1.0)  # a label-consistent change per draw
+        return sign * obs, sign * labels["other"]
 
-    demos = demos_for(rng.normal(size=(512, 3)).astype(np.float32)).replace(augment=relabel)
+    obs = rng.normal(size=(512, 3)).astype(np.float32)
+    demos = demos_for(obs).replace(augment=relabel, augment_labels={"other": jnp.asarray(obs @ other)})
     batch = batch_of(rng.normal(size=(256, 3)).astype(np.float32), params)
     cfg = ppo.PPOConfig(learning_rate=3e-2, n_epochs=8, batch_size=64, vf_coef=0.0, demo_coef=1.0, max_grad_norm=10.0)
     optimizer = ppo.make_optimizer(cfg, 32)
@@ -282,6 +284,41 @@ def test_frozen_vision_reads_the_demonstrations_as_image_features(tmp_path, reac
     np.testing.assert_allclose(np.asarray(in_slices.obs[IMAGE_FEATURES_KEY]),
                                np.asarray(at_once.obs[IMAGE_FEATURES_KEY]), rtol=1e-5, atol=1e-5)
     assert in_slices.size == len(data["action"])
+
+
+def test_demo_augment_trains_and_refuses_what_it_cannot_augment(tmp_path, reach_demos):
+    """algorithm.demo_augment: a VLA learner reads the recoloured/mirrored draws (loss/demo logged); a demo file
+    without the mirror labels, or a frozen vision encoder (features, not pixels), is a config error."""
+    env, data = reach_demos
+    tiny = {"vision_encoder": "tiny", "language_model": "tiny", "vocab_size": 18, "max_instruction_length": 8,
+            "action_dim": 2, "proprio_dim": 4, "image_size": IMAGE, "value_hidden_dim": 16}
+
+    def config(demo_file, freeze):
+        return resolve({
+            "trainer": {"num_envs": 4, "buffer_size": 8, "iterations": 2, "eval_freq": 0, "progress": False,
+                        "output_dir": str(tmp_path), "exp_name": "aug"},
+            "algorithm": {"cfg": {"n_epochs": 1, "batch_size": 16, "demo_coef": 1.0}, "demo_path": str(demo_file),
+                          "demo_augment": True},
+            "policy": {"name": "vla", "freeze": freeze, "vla_config": {"model_path": None, "model_config": tiny}},
+            "env": {"name": "VLReach-v0", "image_size": IMAGE},
+        })
+
+    arrays = {k: v for k, v in data.items() if k != "vocab"}
+    assert arrays["mirror_action"].shape == arrays["action"].shape
+    full, old = tmp_path / "full.npz", tmp_path / "old.npz"
+    save_demos(full, arrays, "VLReach-v0", env.config(), data["vocab"], 0, 0.1)
+    save_demos(old, {k: v for k, v in arrays.items() if k != "mirror_action"}, "VLReach-v0", env.config(),
+               data["vocab"], 0, 0.1)
+    with pytest.raises(ConfigError, match="algorithm.demo_augment: .*old.npz has no mirror_action column"):
+        build_trainer(config(old, []))
+    with pytest.raises(ConfigError, match="algorithm.demo_augment: .*vision encoder frozen"):
+        build_trainer(config(full, ["vision"]))
+    trainer = build_trainer(config(full, []))
+    assert trainer.demos.augment.__func__ is VLReach.augment_demonstration
+    records = []
+    trainer.log_fn = records.append
+    trainer.train()
+    assert np.isfinite(records[-1]["loss/demo"])
 
 
 def test_demo_settings_are_config_errors(tmp_path):

@@ -124,34 +124,6 @@ def test_example_configs_match_the_bc_model():
     assert make.startswith("python -m bridge.pretrain_bc --out checkpoints/vl_reach_bc.safetensors")
 
 
-def test_mirror_augmentation_labels_are_the_experts_in_the_mirrored_scene():
-    """`augment`'s x-mirror takes its action label from the expert in the mirrored scene. For the
-    shortest-path expert that is the action with x negated; for the example's biased one (detour_bias), in a
-    scene with an object in the way, it passes the object on the other side of the mirrored route."""
-    import jax
-
-    from jaxrl_vla.envs.vl_reach import VLReach
-    from jaxrl_vla.tasks import demos as demo_lib
-
-    plain = VLReach(**{**pretrain_bc.ENV_KWARGS, "detour_bias": 0.0, "image_size": 16})
-    arrays = demo_lib.collect_demos(plain, 16, 3, 0.1)
-    data = {**arrays, "seed": 3}
-    mirrored = pretrain_bc.mirrored_expert_actions(data, pretrain_bc.episode_scenes(data, plain), plain)
-    np.testing.assert_allclose(mirrored, arrays["action"] * np.array([-1.0, 1.0]), atol=1e-5)
-
-    biased = VLReach(**{**pretrain_bc.ENV_KWARGS, "num_objects": 2})
-    # Heading right with a circle 0.01 below the line, the biased expert passes below it (its right side).
-    scene = biased.state_from_layout([(0.85, 0.5), (0.5, 0.51)], [0, 2], [0, 1], 0, (0.15, 0.5))
-    one_row = {"episode_id": np.zeros(1, np.int64),
-               "proprio": np.array([[2 * 0.15 - 1, 0.0, 0.0, 0.0]], np.float32)}
-    batched = jax.tree_util.tree_map(lambda x: np.asarray(x)[None], scene)
-    label = np.asarray(biased.expert_action(scene))
-    mirrored_label = pretrain_bc.mirrored_expert_actions(one_row, batched, biased)[0]
-    mirror_scene = biased.state_from_layout([(0.15, 0.5), (0.5, 0.51)], [0, 2], [0, 1], 0, (0.85, 0.5))
-    np.testing.assert_allclose(mirrored_label, np.asarray(biased.expert_action(mirror_scene)), atol=1e-6)
-    assert label[1] > 0.3 and mirrored_label[1] < -0.3  # heading left, its right side is above: not -x of the label
-
-
 def test_detour_oversampling_repeats_the_rows_of_episodes_whose_route_bends():
     """`--detour-weight K`: an epoch holds each detour episode's rows K times and every other row once; which
     episodes detour is read from the env's own route at reset (a hand-made scene with an object on the line

@@ -605,26 +605,64 @@ def test_proprio_without_velocity_is_the_effector_position():
         assert float(step_a.reward) == float(step_b.reward)
 
 
-def test_augment_demonstration_is_the_same_scene_in_other_colours():
+def test_mirrored_state_renders_as_the_mirrored_image():
+    """`mirrored` is exact: the mirrored scene's image is the image with its columns reversed (both sizes), and
+    the effector and objects sit at x -> 1 - x."""
+    for size in (16, 64):
+        env = VLReach(image_size=size, use_depth=True)
+        state, obs = env.reset(jax.random.PRNGKey(size))
+        mirror = env.observe(env.mirrored(state))
+        np.testing.assert_array_equal(mirror["rgb"], np.asarray(obs["rgb"])[:, ::-1])
+        np.testing.assert_array_equal(mirror["depth"], np.asarray(obs["depth"])[:, ::-1])
+        np.testing.assert_allclose(mirror["proprio"][:2], np.asarray(obs["proprio"][:2]) * [-1.0, 1.0], atol=1e-6)
+
+
+def test_mirror_labels_are_the_experts_in_the_mirrored_scene():
+    """collect_demos' mirror_action column: the expert's action in the mirrored scene. For the shortest-path expert
+    that is the action with x negated; for the biased one (detour_bias), with an object in the way, it passes the
+    object on its own right side of the mirrored route, so it is not -x of the label."""
+    from jaxrl_vla.tasks.demos import collect_demos
+
+    plain = VLReach(num_objects=4, image_size=16, progress_distance="path", detour_margin=0.08)
+    arrays = collect_demos(plain, 16, 3, 0.1)
+    np.testing.assert_allclose(arrays["mirror_action"], arrays["action"] * np.array([-1.0, 1.0]), atol=1e-5)
+
+    biased = VLReach(num_objects=2, image_size=16, progress_distance="path", detour_bias=0.1, detour_margin=0.08)
+    # Heading right with a circle 0.01 below the line, the biased expert passes below it (its right side).
+    scene = biased.state_from_layout([(0.85, 0.5), (0.5, 0.51)], [0, 2], [0, 1], 0, (0.15, 0.5))
+    label = np.asarray(biased.expert_action(scene))
+    mirrored_label = np.asarray(biased.demo_augment_labels(scene)["mirror_action"])
+    by_hand = biased.state_from_layout([(0.15, 0.5), (0.5, 0.51)], [0, 2], [0, 1], 0, (0.85, 0.5))
+    np.testing.assert_allclose(mirrored_label, np.asarray(biased.expert_action(by_hand)), atol=1e-6)
+    assert label[1] > 0.3 and mirrored_label[1] < -0.3  # heading left, its right side is above
+
+
+def test_augment_demonstration_is_the_same_scene_recoloured_or_mirrored():
     """The augmented observation is exactly what the env renders and says for the same scene with the objects'
-    colours permuted (found among all 24 permutations), the action is unchanged, and over many keys every colour
-    gets moved: the instruction still names the object the expert's action goes to."""
+    colours permuted (found among all 24 permutations), mirrored or not; the label is the expert's action
+    there (the mirror label for a mirrored scene). Over many keys both happen and the colours really vary."""
     import itertools
 
-    env = VLReach(image_size=32)
+    env = VLReach(image_size=32, proprio_velocity=False, detour_bias=0.1)
     state, obs = env.reset(jax.random.PRNGKey(11))
-    action = jnp.asarray([0.25, -0.5])
+    state, ts = env.step(state, jnp.asarray([0.3, 0.2]))
+    obs = ts.obs
+    action = env.expert_action(state)
+    labels = env.demo_augment_labels(state)
     augment = jax.jit(env.augment_demonstration)
-    seen = set()
-    for i in range(12):
-        out, out_action = augment(jax.random.PRNGKey(i), obs, action)
-        np.testing.assert_array_equal(out_action, action)
-        matches = []
-        for perm in itertools.permutations(range(len(COLOURS))):
-            recoloured = state.replace(object_colour=jnp.asarray(perm, jnp.int32)[state.object_colour])
-            expected = env.observe(recoloured)
-            if all(np.array_equal(out[k], expected[k]) for k in ("rgb", "language", "language_mask", "proprio")):
-                matches.append(tuple(np.asarray(perm)[np.asarray(state.object_colour)]))
-        assert matches, f"key {i}: the augmented observation is no recolouring of the scene"
-        seen.add(matches[0])
-    assert len(seen) > 3  # the colours of the scene's objects really vary with the key
+    colourings, mirrors = set(), []
+    for i in range(16):
+        out, out_action = augment(jax.random.PRNGKey(i), obs, action, labels)
+        found = None
+        for perm, mirror in itertools.product(itertools.permutations(range(len(COLOURS))), (False, True)):
+            scene = state.replace(object_colour=jnp.asarray(perm, jnp.int32)[state.object_colour])
+            expected = env.observe(env.mirrored(scene) if mirror else scene)
+            if all(np.array_equal(out[k], expected[k]) for k in ("rgb", "language", "language_mask")) and \
+                    np.allclose(out["proprio"], expected["proprio"], atol=1e-6):
+                found = (tuple(np.asarray(perm)[np.asarray(state.object_colour)]), mirror)
+                break
+        assert found is not None, f"key {i}: the augmented observation is no recolouring/mirroring of the scene"
+        np.testing.assert_allclose(out_action, labels["mirror_action"] if found[1] else action, atol=1e-6)
+        colourings.add(found[0])
+        mirrors.append(found[1])
+    assert len(colourings) > 3 and 0 < sum(mirrors) < len(mirrors)

@@ -375,14 +375,14 @@ def update(
         demo_minibatches = None
         if demos is not None:
             epoch_key, demo_key = jax.random.split(epoch_key)
-            pairs = Demonstrations(obs=demos.obs, action=demos.action)
-            augment_key = None
-            if demos.augment is not None:
+            if demos.augment is None:
+                pairs = Demonstrations(obs=demos.obs, action=demos.action)
+                demo_minibatches = gather(pairs, draw_demo_rows(demo_key, demos, used))
+            else:  # [M, mb] draws, each augmented with its own key
                 demo_key, augment_key = jax.random.split(demo_key)
-            demo_minibatches = gather(pairs, draw_demo_rows(demo_key, demos, used))
-            if augment_key is not None:  # [M, mb] draws, each with its own key
+                drawn = gather((demos.obs, demos.action, demos.augment_labels), draw_demo_rows(demo_key, demos, used))
                 keys = jax.random.split(augment_key, (num_minibatches, cfg.batch_size))
-                obs, action = jax.vmap(jax.vmap(demos.augment))(keys, demo_minibatches.obs, demo_minibatches.action)
+                obs, action = jax.vmap(jax.vmap(demos.augment))(keys, *drawn)
                 demo_minibatches = Demonstrations(obs=obs, action=action)
                 if minibatch_sharding is not None:
                     demo_minibatches = jax.lax.with_sharding_constraint(demo_minibatches, minibatch_sharding)

@@ -569,6 +569,8 @@ class VLReach:
     """JAX-native vision-language reaching (see module docstring)."""
 
     reports_success = True
+    # demo-file columns that augment_demonstration reads besides the action (demo_augment_labels makes them)
+    demo_augment_label_keys = ("mirror_action",)
 
     def __init__(
         self,
@@ -796,20 +798,40 @@ class VLReach:
         return plan_path(state.effector, state.object_pos[state.target], state.object_pos, blocking,
                          self.touch_radius, self.effector_bounds, margin=self.detour_margin, side_bias=self.detour_bias)
 
-    def augment_demonstration(self, key: jax.Array, obs: dict[str, jax.Array], action: jax.Array
-                              ) -> tuple[dict[str, jax.Array], jax.Array]:
-        """One demonstration (obs, expert action) with the colours permuted: a label-preserving augmentation.
+    def mirrored(self, state: VLReachState) -> VLReachState:
+        """The state mirrored left-right (x -> 1 - x; the velocity's x negated): what the image's columns
+        reversed show. Exact: every shape is symmetric about its vertical axis and pixel centres map
+        onto pixel centres. The expert's action there is a mirror-augmentation label
+        (`demo_augment_labels`): with `detour_bias` it is not the mirror of the expert's action here."""
+        flip = lambda xy: xy.at[..., 0].set(1.0 - xy[..., 0])  # noqa: E731
+        return state.replace(effector=flip(state.effector), object_pos=flip(state.object_pos),
+                             velocity=state.velocity.at[0].set(-state.velocity[0]))
 
-        A random permutation of `COLOURS` recolours the objects in the image and renames the colour words
-        of the instruction together, so the named object and the expert's action stay the same. Why: a
-        clone that has seen the demonstrations' scenes a few times can predict the action from the scene
-        alone; recoloured, the action is predictable only by matching the instruction to the image.
-        `bridge.pretrain_bc` trains with it (one epoch of BC without it: 67.3% closed-loop success
-        against 83.2%, docs/finetune_findings.md), and PPO's demonstration loss applies it per draw
-        (`algorithm.demo_augment`). Pixels of exactly a palette colour are objects (the renderer draws
-        them unblended); the background and effector are not in the palette. Unbatched: vmap it.
+    def demo_augment_labels(self, state: VLReachState) -> dict[str, jax.Array]:
+        """Per-step labels `augment_demonstration` needs besides the expert's action (the demo file's
+        `demo_augment_label_keys` columns): the expert's action in the mirrored scene."""
+        return {"mirror_action": self.expert_action(self.mirrored(state))}
+
+    def augment_demonstration(self, key: jax.Array, obs: dict[str, jax.Array], action: jax.Array,
+                              labels: dict[str, jax.Array]) -> tuple[dict[str, jax.Array], jax.Array]:
+        """One demonstration (obs, expert action) seen through label-preserving changes of the scene.
+
+        The colours permuted: a random permutation of `COLOURS` recolours the objects in the image and
+        renames the colour words of the instruction together, so the named object and the expert's
+        action stay the same. Why: a clone that has seen the demonstrations' scenes a few times can
+        predict the action from the scene alone; recoloured, only by matching the instruction to the
+        image. Pixels of exactly a palette colour are objects (the renderer draws them unblended); the
+        background and the effector are not in the palette.
+        Mirrored left-right with probability 1/2 (`mirrored`): the image's columns reversed, the
+        proprio's x negated, and the label `labels["mirror_action"]`, the expert's own action there.
+        Why: twice the scenes with an object in the way, seen from both sides.
+        `bridge.pretrain_bc` trains with both; one epoch of BC from the example's clone reached 83.2%
+        closed-loop success with both, 77.6% with the colours alone, 67.3% with neither
+        (docs/finetune_findings.md). PPO's demonstration loss applies it to every draw
+        (`algorithm.demo_augment`). Unbatched: vmap it.
         """
-        perm = jax.random.permutation(key, len(COLOURS))  # colour c becomes colour perm[c]
+        colour_key, mirror_key = jax.random.split(key)
+        perm = jax.random.permutation(colour_key, len(COLOURS))  # colour c becomes colour perm[c]
         palette = jnp.asarray(COLOUR_RGB)
         rgb = obs["rgb"]
         match = jnp.all(rgb[..., None, :] == palette, axis=-1)  # [H, W, C]
@@ -819,7 +841,14 @@ class VLReach:
         is_colour = obs["language"][..., None] == colour_ids  # [L, C]
         renamed = colour_ids[perm][jnp.argmax(is_colour, axis=-1)]
         out["language"] = jnp.where(is_colour.any(-1), renamed, obs["language"])
-        return out, action
+
+        mirror = jax.random.bernoulli(mirror_key)
+        x_entries = jnp.arange(out["proprio"].shape[-1]) % 2 == 0  # x of the position (and of the velocity)
+        mirrored = {**out, "rgb": out["rgb"][:, ::-1], "proprio": jnp.where(x_entries, -out["proprio"], out["proprio"])}
+        if "depth" in out:
+            mirrored["depth"] = out["depth"][:, ::-1]
+        out = jax.tree_util.tree_map(lambda m, o: jnp.where(mirror, m, o), mirrored, out)
+        return out, jnp.where(mirror, labels["mirror_action"], action)
 
     def route_detours(self, state: VLReachState) -> jax.Array:
         """Whether the expert's route to the target bends around another object (its next waypoint is not the

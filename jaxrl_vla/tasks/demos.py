@@ -33,6 +33,9 @@ steps stored episode by episode in time order):
   episode_id        int32   [N]     0 .. E-1
   weight            float32 [N]     optional (--detour-weight): the step's sampling weight in
                                     PPO's demonstration loss (`algorithm.demo_path`)
+  mirror_action     float32 [N, A]  for envs with `demo_augment_labels` (VLReach): the expert's
+                                    action in the step's scene mirrored left-right, the label
+                                    of the mirror augmentation (`algorithm.demo_augment`)
   step              int32   [N]     index of the step within its episode
   episode_success   bool    [E]     the episode ended with success
   episode_length    int32   [E]
@@ -88,7 +91,8 @@ def run_episodes(env: Any, act: ActFn, keys: jax.Array, chunk: int = 1) -> dict[
     order. Pure and traceable (jit it with `env`, `act`, `chunk` static).
 
     Returns arrays with axes [E, T, ...] (T = chunks x chunk >= the time
-    limit): "obs" (the observation each action was taken from), "action"
+    limit): "obs" and "state" (the observation and env state each action
+    was taken from), "action"
     (label), "executed_action", "reward", "terminated", "truncated",
     "success", "valid"; and "final_obs" [E, ...] and "final_state" [E, ...],
     the observation and env state that ended each episode, and "initial_state"
@@ -111,7 +115,7 @@ def run_episodes(env: Any, act: ActFn, keys: jax.Array, chunk: int = 1) -> dict[
             new_state, ts = jax.vmap(env.step)(state, executed[:, j])
             success = ts.info.get("success", jnp.zeros_like(ts.terminated))
             record = dict(
-                obs=obs, action=label[:, j], executed_action=executed[:, j], reward=ts.reward,
+                obs=obs, state=state, action=label[:, j], executed_action=executed[:, j], reward=ts.reward,
                 terminated=ts.terminated, truncated=ts.truncated, success=success, valid=~done,
             )
             ended = ts.terminated | ts.truncated
@@ -159,12 +163,13 @@ def episode_keys(seed: int, start: int, count: int) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.arange(start, start + count))
 
 
-def flatten_valid(records: dict[str, Any], first_episode: int) -> dict[str, np.ndarray]:
-    """[E, T, ...] records (host arrays) -> the valid steps, episode-major, plus ids and per-episode stats."""
+def flatten_valid(records: dict[str, Any], first_episode: int, extra_keys: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """[E, T, ...] records (host arrays) -> the valid steps, episode-major, plus ids and per-episode stats
+    (with the per-step `extra_keys` of `records` beside STEP_KEYS)."""
     valid = np.asarray(records["valid"])
     episodes, steps = np.nonzero(valid)  # row-major: episode by episode, time in order
     out = {key: np.asarray(value)[episodes, steps] for key, value in records["obs"].items()}
-    for key in STEP_KEYS:
+    for key in STEP_KEYS + tuple(extra_keys):
         out[key] = np.asarray(records[key])[episodes, steps]
     out["episode_id"] = (episodes + first_episode).astype(np.int32)
     out["step"] = steps.astype(np.int32)
@@ -186,7 +191,9 @@ def collect_demos(
     episodes whose expert route bends around another object at reset
     (`env.route_detours`) weigh `detour_weight`, the others 1. Why: those are the
     scenes a cloned policy gets wrong most (it cuts past the object), and a few
-    percent of the data, so PPO's demonstration loss draws them more often.
+    percent of the data, so PPO's demonstration loss draws them more often. An env
+    with `demo_augment_labels(state)` adds its columns (VLReach: "mirror_action"),
+    the labels its `augment_demonstration` reads.
     """
     if num_episodes < 1:
         raise ValueError(f"num_episodes must be >= 1, got {num_episodes}")
@@ -199,12 +206,15 @@ def collect_demos(
     batch = min(batch_size, num_episodes)
     collect = expert_collector(env, float(noise_std))
     route_detours = jax.jit(jax.vmap(env.route_detours)) if detour_weight != 1.0 else None
+    augment_labels = jax.jit(jax.vmap(jax.vmap(env.demo_augment_labels))) if hasattr(env, "demo_augment_labels") else None
     parts = []
     for start in range(0, num_episodes, batch):
-        records = jax.device_get(collect(episode_keys(seed, start, batch)))
+        records = collect(episode_keys(seed, start, batch))
+        labels = {} if augment_labels is None else augment_labels(records["state"])  # [E, T, ...] each
+        records = jax.device_get({**records, **labels})
         keep = min(batch, num_episodes - start)
         records = jax.tree_util.tree_map(lambda x: x[:keep], records)
-        part = flatten_valid(records, start)
+        part = flatten_valid(records, start, tuple(labels))
         if detour_weight != 1.0:
             detours = np.asarray(route_detours(records["initial_state"]))
             part["weight"] = np.where(detours[part["episode_id"] - start], detour_weight, 1.0).astype(np.float32)
@@ -301,7 +311,9 @@ def as_demonstrations(demos: dict[str, Any], env: Any, chunk: int = 1) -> Any:
         if weight.shape != (len(action),) or not np.all(np.isfinite(weight)) or weight.min() < 0 or weight.sum() <= 0:
             raise ValueError(f"weight: expected {len(action)} finite weights >= 0 with a positive sum, "
                              f"got shape {list(weight.shape)}")
-    return Demonstrations(obs=obs, action=action, weight=weight)
+    labels = {key: np.asarray(demos[key], np.float32) for key in getattr(env, "demo_augment_label_keys", ())
+              if key in demos}
+    return Demonstrations(obs=obs, action=action, weight=weight, augment_labels=labels or None)
 
 
 # ---------------------------------------------------------------------------- CLI
