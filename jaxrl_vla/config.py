@@ -86,7 +86,7 @@ SCHEMA: dict[str, Any] = {
     "algorithm": {
         "name": Field(str, "ppo", "algorithm", *_one_of("ppo")),
         "demo_path": Field(str, None, "expert demonstrations (.npz of `python -m jaxrl_vla.tasks.demos`, or the one `python -m bridge.pretrain_bc` makes beside its checkpoint) for the demonstration loss weighted by algorithm.cfg.demo_coef; their observations must match the env's", nullable=True),
-        "demo_augment": Field(bool, False, "augment every demonstration drawn for the demonstration loss afresh with the env's label-preserving augmentation (its `augment_demonstration`; VLReach: a random permutation of the colours in the image and the instruction together), as `bridge.pretrain_bc` trains its clone; needs demo_path, raw pixels (not a frozen vision encoder) and an env that has one"),
+        "demo_augment": Field(bool, False, "augment every demonstration drawn for the demonstration loss afresh with the env's label-preserving augmentation (its `augment_demonstration`; VLReach: the colours permuted in the image and the instruction together, and the scene mirrored left-right half the time with the expert's action there, the demo file's mirror_action column), as `bridge.pretrain_bc` trains its clone; needs demo_path, raw pixels (not a frozen vision encoder) and an env that has one"),
         "cfg": {
             "learning_rate": Field((int, float), 3e-4, "Adam step size", _pos, "> 0"),
             "lr_schedule": Field(str, "constant", "learning-rate schedule over all gradient steps (linear and cosine decay to 0)", *_SCHEDULE),
