@@ -21,7 +21,7 @@ TINY = {
 }
 
 # the example configs' demonstration loss reads checkpoints/vl_reach_demos.npz, which tests do not make
-NO_DEMOS = ("algorithm.cfg.demo_coef=0", "algorithm.demo_path=null")
+NO_DEMOS = ("algorithm.cfg.demo_coef=0", "algorithm.demo_path=null", "algorithm.demo_augment=false")
 
 
 class FakeEnv:
