@@ -153,8 +153,8 @@ def build_demonstrations(algo_cfg: dict, env: Any, chunk: int, make_checkpoint: 
         demos = as_demonstrations(load_demos(path), env, chunk)
     except (ValueError, KeyError, OSError) as err:
         raise ConfigError(f"algorithm.demo_path: {path}: {err}") from None
-    if augment is None:
-        return demos
+    if augment is None:  # the augmentation's labels would only travel to the device unread
+        return demos.replace(augment_labels=None)
     missing = [key for key in env.demo_augment_label_keys if key not in (demos.augment_labels or {})]
     if missing:
         raise ConfigError(f"algorithm.demo_augment: {path} has no {', '.join(missing)} column (made before it "

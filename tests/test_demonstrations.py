@@ -255,23 +255,28 @@ def test_trainers_feed_the_demonstrations_to_the_loss(tmp_path, buffer_type):
         Trainer(policy, env, cfg.replace(demo_coef=0.0), **dict(kwargs, buffer_type="standard", buffer_size=32))
 
 
+def tiny_vla_config(tmp_path, demo_file, freeze: list[str], demo_augment: bool = False) -> dict:
+    """A resolved config: a tiny VLA on the 32x32 VLReach, 2 short iterations, PPO plus demo_file's demonstrations."""
+    tiny = {"vision_encoder": "tiny", "language_model": "tiny", "vocab_size": 18, "max_instruction_length": 8,
+            "action_dim": 2, "proprio_dim": 4, "image_size": IMAGE, "value_hidden_dim": 16}
+    return resolve({
+        "trainer": {"num_envs": 4, "buffer_size": 8, "iterations": 2, "eval_freq": 0, "progress": False,
+                    "output_dir": str(tmp_path), "exp_name": "vla"},
+        "algorithm": {"cfg": {"n_epochs": 1, "batch_size": 16, "demo_coef": 1.0}, "demo_path": str(demo_file),
+                      "demo_augment": demo_augment},
+        "policy": {"name": "vla", "freeze": freeze, "vla_config": {"model_path": None, "model_config": tiny}},
+        "env": {"name": "VLReach-v0", "image_size": IMAGE},
+    })
+
+
 def test_frozen_vision_reads_the_demonstrations_as_image_features(tmp_path, reach_demos):
     from jaxrl_vla.models.vla.gpt_vla import IMAGE_FEATURES_KEY
 
     env, data = reach_demos
-    tiny = {"vision_encoder": "tiny", "language_model": "tiny", "vocab_size": 18, "max_instruction_length": 8,
-            "action_dim": 2, "proprio_dim": 4, "image_size": IMAGE, "value_hidden_dim": 16}
-    raw = {
-        "trainer": {"num_envs": 4, "buffer_size": 8, "iterations": 2, "eval_freq": 0, "progress": False,
-                    "output_dir": str(tmp_path), "exp_name": "vla"},
-        "algorithm": {"cfg": {"n_epochs": 1, "batch_size": 16, "demo_coef": 1.0}, "demo_path": str(tmp_path / "d.npz")},
-        "policy": {"name": "vla", "freeze": ["vision"],
-                   "vla_config": {"model_path": None, "model_config": tiny}},
-        "env": {"name": "VLReach-v0", "image_size": IMAGE},
-    }
     save_demos(tmp_path / "d.npz", {k: v for k, v in data.items() if k != "vocab"}, "VLReach-v0", env.config(),
                data["vocab"], 0, 0.1)
-    trainer = build_trainer(resolve(raw))
+    trainer = build_trainer(tiny_vla_config(tmp_path, tmp_path / "d.npz", freeze=["vision"]))
+    assert trainer.demos.augment is None and trainer.demos.augment_labels is None  # no mirror labels carried unread
     records = []
     trainer.log_fn = records.append
     trainer.train()
@@ -290,18 +295,9 @@ def test_demo_augment_trains_and_refuses_what_it_cannot_augment(tmp_path, reach_
     """algorithm.demo_augment: a VLA learner reads the recoloured/mirrored draws (loss/demo logged); a demo file
     without the mirror labels, or a frozen vision encoder (features, not pixels), is a config error."""
     env, data = reach_demos
-    tiny = {"vision_encoder": "tiny", "language_model": "tiny", "vocab_size": 18, "max_instruction_length": 8,
-            "action_dim": 2, "proprio_dim": 4, "image_size": IMAGE, "value_hidden_dim": 16}
 
     def config(demo_file, freeze):
-        return resolve({
-            "trainer": {"num_envs": 4, "buffer_size": 8, "iterations": 2, "eval_freq": 0, "progress": False,
-                        "output_dir": str(tmp_path), "exp_name": "aug"},
-            "algorithm": {"cfg": {"n_epochs": 1, "batch_size": 16, "demo_coef": 1.0}, "demo_path": str(demo_file),
-                          "demo_augment": True},
-            "policy": {"name": "vla", "freeze": freeze, "vla_config": {"model_path": None, "model_config": tiny}},
-            "env": {"name": "VLReach-v0", "image_size": IMAGE},
-        })
+        return tiny_vla_config(tmp_path, demo_file, freeze, demo_augment=True)
 
     arrays = {k: v for k, v in data.items() if k != "vocab"}
     assert arrays["mirror_action"].shape == arrays["action"].shape
