@@ -107,6 +107,22 @@ class ShapeMismatchError(VLALoadingError):
     """A tensor whose shape differs from the parameter it should fill."""
 
 
+class CorruptCheckpointError(UnsupportedCheckpointError):
+    """The file has a checkpoint's format but cannot be read: empty, truncated or damaged."""
+
+
+class NotACheckpointError(UnsupportedCheckpointError):
+    """The file is none of the formats its suffix promises (e.g. random bytes in a .pth)."""
+
+
+class DtypeMismatchError(VLALoadingError):
+    """A tensor whose kind (floating, integer, bool) differs from the parameter it should fill."""
+
+
+class NonFiniteWeightsError(VLALoadingError):
+    """A floating tensor holding NaN or infinity: a run from it would train to NaN."""
+
+
 # ----------------------------------------------------------------------------- rule table
 
 
@@ -491,14 +507,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if suffix == ".safetensors":
         obj: Any = read_safetensors(path)
     elif suffix in _PICKLE_SUFFIXES:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise UnsafeCheckpointError(
-                f"refusing {path}: it is a pickle that needs more than weights (loading it could run code). "
-                f"Save a plain state_dict (torch.save(model.state_dict(), ...)) or a .safetensors file. "
-                f"({_unpickler_reason(err)})"
-            ) from None
+        obj = _torch_load_weights(path)
     else:
         raise UnsupportedCheckpointError(
             f"{path}: unknown checkpoint format {suffix!r}; use .safetensors or one of {_PICKLE_SUFFIXES}"
@@ -526,23 +535,25 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
     tensors: dict[str, torch.Tensor] = {}
     size = path.stat().st_size
+    if size == 0:
+        raise CorruptCheckpointError(f"{path} is empty (0 bytes): not a checkpoint (an interrupted save?)")
     with open(path, "rb", buffering=0) as f:
         header_len = int.from_bytes(f.read(8), "little")
         if not 2 <= header_len <= size - 8:
-            raise UnsupportedCheckpointError(f"{path}: not a safetensors file (bad header length {header_len})")
+            raise NotACheckpointError(f"{path}: not a safetensors file (bad header length {header_len})")
         try:
             header = json.loads(f.read(header_len))
         except ValueError as err:
-            raise UnsupportedCheckpointError(f"{path}: not a safetensors file (header is not JSON: {err})") from None
+            raise NotACheckpointError(f"{path}: not a safetensors file (header is not JSON: {err})") from None
+        if not isinstance(header, dict):
+            raise NotACheckpointError(
+                f"{path}: not a safetensors file (its header is a JSON {type(header).__name__}, not an object)"
+            )
         base = 8 + header_len
         for key, info in header.items():
             if key == "__metadata__":
                 continue
-            if info.get("dtype") not in _SAFETENSORS_DTYPES:
-                raise UnsupportedCheckpointError(f"{path}: tensor {key!r} has unsupported dtype {info.get('dtype')!r}")
-            begin, end = info["data_offsets"]
-            if not 0 <= begin <= end <= size - base:
-                raise UnsupportedCheckpointError(f"{path}: tensor {key!r} lies outside the file")
+            dtype, shape, (begin, end) = _safetensors_entry(path, key, info, size - base)
             buf = aligned_empty((end - begin,), torch.uint8)
             view, done = memoryview(buf.numpy()), 0
             f.seek(base + begin)
@@ -551,15 +562,116 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
                 if not got:
                     raise UnsupportedCheckpointError(f"{path}: file ends inside tensor {key!r}")
                 done += got
-            tensors[key] = buf.view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+            tensors[key] = buf.view(dtype).reshape(shape)
     return tensors
 
 
-def _unpickler_reason(err: Exception) -> str:
-    """The line of torch's weights-only refusal that names the offending global."""
-    lines = [line.strip() for line in str(err).splitlines()]
-    reason = next((line for line in lines if "WeightsUnpickler error" in line), lines[0] if lines else repr(err))
-    return re.sub(r"\x1b\[[0-9;]*m", "", reason).split(". Please use")[0]
+def _safetensors_entry(path: Path, key: str, info: Any, data_size: int) -> tuple[torch.dtype, list[int], list[int]]:
+    """(dtype, shape, [begin, end]) of one header entry, checked against the file before any byte is read.
+
+    The safetensors format promises nothing about a file it did not write, so each
+    field is validated here: a wrong one would otherwise surface as a KeyError or a
+    reshape error from deep inside torch, naming neither the file nor the tensor.
+    """
+    where = f"{path}: tensor {key!r}"
+    if not isinstance(info, dict):
+        raise CorruptCheckpointError(f"{where}: header entry is a JSON {type(info).__name__}, not an object")
+    if info.get("dtype") not in _SAFETENSORS_DTYPES:
+        raise UnsupportedCheckpointError(f"{where} has unsupported dtype {info.get('dtype')!r}")
+    dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+    offsets, shape = info.get("data_offsets"), info.get("shape")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        raise CorruptCheckpointError(f"{where}: header entry lacks data_offsets [begin, end] (got {offsets!r})")
+    if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+        raise CorruptCheckpointError(f"{where}: header entry lacks a shape (a list of sizes; got {shape!r})")
+    begin, end = offsets
+    if not begin <= end <= data_size:
+        raise CorruptCheckpointError(
+            f"{where} lies outside the file (bytes {begin}..{end} of a {data_size}-byte data section: truncated?)"
+        )
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if int(np.prod(shape, dtype=np.int64)) * itemsize != end - begin:
+        raise CorruptCheckpointError(
+            f"{where}: shape {shape} of {info['dtype']} needs {int(np.prod(shape, dtype=np.int64)) * itemsize} bytes, "
+            f"but its data_offsets span {end - begin}"
+        )
+    return dtype, shape, offsets
+
+
+def _is_count(value: Any) -> bool:
+    """A non-negative JSON integer (booleans are not sizes)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# How a file torch.save wrote begins: a zip archive (torch >= 1.6), or the legacy format's pickled magic
+# number (protocol 2, LONG1 of 10 bytes).
+_ZIP_MAGIC = b"PK\x03\x04"
+_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a"
+_REFUSED_GLOBAL = re.compile(r"GLOBAL\s+[\w.]+")
+
+
+def _torch_load_weights(path: Path) -> Any:
+    """`torch.load(weights_only=True)`, with each way a file can fail told apart in one line.
+
+    A refused *global* means the file is a real pickle asking to import code: that is
+    the unsafe case, reported with torch's line naming the global. Anything else the
+    weights-only reader stops at (an unknown opcode in random bytes, a truncated
+    archive) says the file is damaged or not a checkpoint at all; calling it "unsafe"
+    would send the user looking for the wrong problem.
+    """
+    size = path.stat().st_size
+    if size == 0:
+        raise CorruptCheckpointError(f"{path} is empty (0 bytes): not a checkpoint (an interrupted save?)")
+    with open(path, "rb") as f:
+        head = f.read(len(_ZIP_MAGIC))
+    kind = ("a torch.save zip archive" if head == _ZIP_MAGIC else
+            "a legacy torch.save file" if head == _LEGACY_TORCH_MAGIC else None)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        refused = _unpickler_reason(err)
+        if refused is not None:
+            raise UnsafeCheckpointError(
+                f"refusing {path}: it is a pickle that needs more than weights (loading it could run code). "
+                f"Save a plain state_dict (torch.save(model.state_dict(), ...)) or a .safetensors file. "
+                f"({refused})"
+            ) from None
+        reason = _first_line(err, skip="Weights only load failed")
+        if kind is not None:
+            raise CorruptCheckpointError(f"{path}: {kind} that cannot be read (truncated or damaged?): {reason}") from None
+        raise NotACheckpointError(
+            f"{path} is not a torch checkpoint: neither a torch.save zip archive nor a pickle of tensors "
+            f"(it starts with bytes {head.hex(' ')}; the weights-only reader stopped at: {reason})"
+        ) from None
+    except Exception as err:  # EOFError, RuntimeError (zip reader), KeyError, ... from a damaged or foreign file
+        reason = _first_line(err)
+        if kind is not None:
+            raise CorruptCheckpointError(f"{path}: {kind} that cannot be read (truncated or damaged?): {reason}") from None
+        raise NotACheckpointError(
+            f"{path} is not a torch checkpoint: neither a torch.save zip archive nor a pickle of tensors "
+            f"(it starts with bytes {head.hex(' ')}; torch.load: {type(err).__name__}: {reason})"
+        ) from None
+
+
+def _first_line(err: BaseException, skip: str | None = None) -> str:
+    """The first informative line of an exception's message (ANSI colours removed), cut at its first sentence."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(err).splitlines()]
+    lines = [line.removeprefix("Please file an issue with the following so that we can make `weights_only=True` "
+                               "compatible with your use case:").strip() for line in lines]
+    lines = [line for line in lines if line and line != "WeightsUnpickler error:" and not (skip and line.startswith(skip))
+             and not line.startswith("Check the documentation")]
+    line = lines[0] if lines else repr(err)
+    return line.split(". This is an internal")[0].split(". Please use")[0]
+
+
+def _unpickler_reason(err: Exception) -> str | None:
+    """The line of torch's weights-only refusal that names the refused global (e.g. posix.system), or None
+    when the refusal names no global (the bytes are not a pickle that imports anything)."""
+    for line in str(err).splitlines():
+        line = re.sub(r"\x1b\[[0-9;]*m", "", line).strip()
+        if _REFUSED_GLOBAL.search(line):
+            return line.split("WeightsUnpickler error:")[-1].strip().split(". Please use")[0]
+    return None
 
 
 def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -607,7 +719,47 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -
     ]
     if mismatched:
         raise ShapeMismatchError("; ".join(mismatched))
+    wrong_kind = [
+        f"{key!r}: checkpoint dtype {str(sd[key].dtype).removeprefix('torch.')} vs model dtype "
+        f"{str(template.dtype).removeprefix('torch.')}"
+        for key, template in expected.items()
+        if _dtype_kind(sd[key].dtype) != _dtype_kind(template.dtype)
+    ]
+    if wrong_kind:  # an int tensor would be assigned as is and train as integers (or fail deep in XLA)
+        raise DtypeMismatchError("tensors of the wrong kind (floating vs integer vs bool): " + "; ".join(wrong_kind))
     return sd
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    """"float", "complex", "bool" or "int": precision may differ between checkpoint and model, the kind not."""
+    if dtype.is_floating_point:
+        return "float"
+    if dtype.is_complex:
+        return "complex"
+    return "bool" if dtype == torch.bool else "int"
+
+
+def check_finite(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """NonFiniteWeightsError naming the first tensor (in checkpoint order) that holds NaN or infinity.
+
+    Such a checkpoint loads and then trains every loss to NaN while the run "succeeds";
+    refusing it at load names the culprit instead. Checked in slices so that a large
+    tensor does not need a second full-size boolean copy.
+    """
+    for key, tensor in state_dict.items():
+        if not (tensor.dtype.is_floating_point or tensor.dtype.is_complex) or tensor.device.type == "meta":
+            continue
+        flat = tensor.reshape(-1)
+        for start in range(0, flat.numel(), 1 << 22):
+            chunk = flat[start:start + (1 << 22)]
+            finite = torch.isfinite(chunk)
+            if not bool(finite.all()):
+                bad = chunk[~finite][0].item()
+                count = int((~torch.isfinite(flat)).sum())
+                raise NonFiniteWeightsError(
+                    f"{path}: tensor {key!r} holds non-finite weights ({count} of {flat.numel()} entries, e.g. {bad}); "
+                    f"refusing a checkpoint that would train to NaN"
+                )
 
 
 def _abstract_variables(module: Any, example_input: Any) -> Variables:
@@ -657,6 +809,7 @@ def load_vla_model(
     state_dict = read_checkpoint(model_path)
     torch_model = _build_torch_model(spec, cls, config)
     state_dict = check_state_dict(torch_model, state_dict)
+    check_finite(state_dict, model_path)
     torch_model.load_state_dict(state_dict, strict=True, assign=True)
     variables = spec.convert_fn(torch_model, torch_model.state_dict())
     del torch_model, state_dict
