@@ -177,6 +177,21 @@ def _check_prefixes(variables: dict, prefixes: list[str], field: str) -> None:
             raise ConfigError(f"{field}: {prefix!r} matches no parameter; top-level paths: {', '.join(tops)}")
 
 
+def master_weight_dtype(policy_cfg: dict) -> Any:
+    """The dtype of the trained copy of the weights (and so of Adam's moments): float32 for every
+    `policy.dtype` offered ("float32", and "bfloat16", which only computes in bf16).
+
+    Why not the checkpoint's dtype: a float16/bfloat16 checkpoint kept as is would train
+    half-precision master weights, whose updates below about 2^-8 of a weight round to
+    nothing, although the config asked for float32.
+    """
+    return _MASTER_DTYPES[policy_cfg.get("dtype") or "float32"]
+
+
+# policy.dtype (the trunks' compute dtype) -> the dtype of the master weights and optimiser state
+_MASTER_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.float32}
+
+
 def build_vla_policy(policy_cfg: dict, env: Any) -> tuple[VLAPolicy, dict, dict | None]:
     """(policy, initial variables, trainable mask) from the seed's `policy` section.
 
@@ -193,6 +208,7 @@ def build_vla_policy(policy_cfg: dict, env: Any) -> tuple[VLAPolicy, dict, dict 
             raise ConfigError("policy.action_chunk differs from policy.vla_config.model_config.action_chunk")
     _check_action_dim(policy_cfg, model_config, env)
     dtype = jnp.bfloat16 if policy_cfg.get("dtype") == "bfloat16" else jnp.float32
+    master = master_weight_dtype(policy_cfg)
     path = vla.get("model_path")
     if path:
         from pathlib import Path
@@ -203,7 +219,7 @@ def build_vla_policy(policy_cfg: dict, env: Any) -> tuple[VLAPolicy, dict, dict 
         import bridge
 
         try:
-            model, variables = bridge.load_vla_model(path, vla["model_class"], model_config)
+            model, variables = bridge.load_vla_model(path, vla["model_class"], model_config, param_dtype=master)
         except (ValueError, ImportError) as err:
             raise ConfigError(f"policy.vla_config: {err}") from None
     else:
