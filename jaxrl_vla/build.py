@@ -7,6 +7,7 @@ still fails with exit code 2 before anything is written.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 from typing import Any
@@ -62,19 +63,24 @@ def build_env(env_cfg: dict) -> Any:
         raise ConfigError(f"env: {name} rejected its arguments: {err}") from None
 
 
-INTEGER_FIELDS = ("n_epochs", "batch_size", "lr_warmup_steps")
+INTEGER_FIELDS = ("n_epochs", "batch_size", "lr_warmup_steps", "group_size")
 
 
 def build_algorithm(algo_cfg: dict) -> PPOConfig:
-    """PPOConfig from `algorithm.cfg`; JSON integers in float fields become floats
-    (so `"gamma": 1` and `"gamma": 1.0` trace to the same program)."""
+    """PPOConfig (or, for algorithm.name 'grpo', GRPOConfig) from `algorithm.cfg`, given the
+    fields its class has; JSON integers in float fields become floats (so `"gamma": 1` and
+    `"gamma": 1.0` trace to the same program)."""
+    cls = PPOConfig
+    if algo_cfg.get("name", "ppo") == "grpo":
+        from jaxrl_vla.algo.grpo import GRPOConfig as cls
 
     def as_field(name: str, value: Any) -> Any:
         if name in INTEGER_FIELDS or isinstance(value, (bool, str)) or value is None:
             return value
         return float(value)
 
-    return PPOConfig(**{name: as_field(name, value) for name, value in algo_cfg["cfg"].items()})
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{name: as_field(name, value) for name, value in algo_cfg["cfg"].items() if name in names})
 
 
 def build_policy(policy_cfg: dict, env: Any) -> tuple[Any, Any, Any]:
@@ -194,6 +200,10 @@ def _build_trainer(cfg: dict) -> Any:
             policy, env, algorithm, num_collectors=t["num_collectors"], env_step_timeout=t["env_step_timeout"],
             **kwargs, **common,
         )
+    if cfg["algorithm"]["name"] == "grpo":
+        from jaxrl_vla.training.grpo_trainer import GRPOTrainer
+
+        return GRPOTrainer(policy, env, algorithm, **kwargs, **common)
     from jaxrl_vla.training.trainer import Trainer
 
     return Trainer(policy, env, algorithm, **kwargs, **common)

@@ -84,7 +84,7 @@ SCHEMA: dict[str, Any] = {
         "iterations_per_call": Field(int, 0, "standard mode, JAX-native env: iterations run by one jitted call (a loop over iterations inside jit, which saves the per-call dispatch and sync; metrics.jsonl still gets one record per iteration); must divide eval_freq and save_freq (when > 0) so that no call straddles an evaluation or a checkpoint; 0: auto, each call as many iterations as fill ~0.25 s at the measured iteration time, up to the largest such value <= 32 and <= the run's iterations", _nonneg, ">= 0"),
     },
     "algorithm": {
-        "name": Field(str, "ppo", "algorithm", *_one_of("ppo")),
+        "name": Field(str, "ppo", "algorithm: 'ppo' (clipped PPO with a critic and GAE) or 'grpo' (critic-free: groups of algorithm.cfg.group_size rollouts from one initial state, each step's advantage its episode's outcome normalised within the group; standard mode with a JAX-native env; trainer.buffer_size is the episode step limit, one episode per env per iteration)", *_one_of("ppo", "grpo")),
         "demo_path": Field(str, None, "expert demonstrations (.npz of `python -m jaxrl_vla.tasks.demos`, or the one `python -m bridge.pretrain_bc` makes beside its checkpoint) for the demonstration loss weighted by algorithm.cfg.demo_coef; their observations must match the env's", nullable=True),
         "demo_augment": Field(bool, False, "augment every demonstration drawn for the demonstration loss afresh with the env's label-preserving augmentation (its `augment_demonstration`; VLReach: the colours permuted in the image and the instruction together, and the scene mirrored left-right half the time with the expert's action there, the demo file's mirror_action column), as `bridge.pretrain_bc` trains its clone; needs demo_path, raw pixels (not a frozen vision encoder) and an env that has one"),
         "cfg": {
@@ -104,6 +104,14 @@ SCHEMA: dict[str, Any] = {
             "max_grad_norm": Field((int, float), 0.5, "global gradient-norm clip", _pos, "> 0"),
             "target_kl": Field((int, float), None, "stop the iteration's remaining minibatch updates once approx_kl > 1.5 x target_kl (null: never)", _pos, "> 0", nullable=True),
             "normalize_advantage": Field(bool, True, "normalise advantages per minibatch"),
+            "group_size": Field(int, 8, "grpo: rollouts per group, all from one initial state (trainer.num_envs must be a multiple)", lambda v: v >= 2, ">= 2"),
+            "clip_low": Field((int, float), 0.2, "grpo: the ratio's lower clip, 1 - clip_low (SimpleVLA-RL: 0.2)", _pos, "> 0"),
+            "clip_high": Field((int, float), 0.28, "grpo: the ratio's upper clip, 1 + clip_high (SimpleVLA-RL: 0.28, DAPO's clip-higher)", _pos, "> 0"),
+            "kl_coef": Field((int, float), 0.0, "grpo: weight of the k3 KL penalty to the reference (starting) policy, exp(ref - logp) - (ref - logp) - 1 per token (0: none, and no reference pass)", _nonneg, ">= 0"),
+            "loss_agg": Field(str, "token", "grpo: 'token': mean over all valid tokens of a minibatch (a token: one action dimension of a Gaussian step, one categorical step); 'sample': every trajectory weighs the same", *_one_of("token", "sample")),
+            "filter_low": Field((int, float), 0.0, "grpo: dynamic sampling, keep only groups whose success rate is >= this (SimpleVLA-RL: 0.1); needs reward 'success'", _unit, "in [0, 1]"),
+            "filter_high": Field((int, float), 1.0, "grpo: keep only groups whose success rate is <= this (SimpleVLA-RL: 0.9)", _unit, "in [0, 1]"),
+            "reward": Field(str, "success", "grpo: a trajectory's outcome: 'success' (the env's info['success'] at the episode's end, 0 for an episode cut by the step limit) or 'return' (the episode return)", *_one_of("success", "return")),
             "noise_correlation": Field((int, float), 0.0, "continuous actions, standard mode: correlation rho of the exploration noise from one policy step to the next (an AR(1) process, eps_t = rho eps_{t-1} + sqrt(1 - rho^2) z_t: each step's action is still drawn from the policy's Gaussian, but the noise persists for ~1/(1 - rho) steps, so an episode can wander off the mean's path consistently; 0: independent noise per step)", lambda v: 0 <= v < 1, "in [0, 1)"),
         },
     },
@@ -304,6 +312,27 @@ def _check_cross_fields(cfg: dict) -> None:
                           "the demonstrations would be unused")
     if cfg["algorithm"]["demo_augment"] and demo_path is None:
         raise ConfigError("algorithm.demo_augment needs algorithm.demo_path (the demonstrations it augments)")
+    if cfg["algorithm"]["name"] == "grpo":
+        _check_grpo(cfg)
+
+
+def _check_grpo(cfg: dict) -> None:
+    """GRPO's cross-field rules (the env's ability to reset to a given state is checked where it is built)."""
+    trainer, algo = cfg["trainer"], cfg["algorithm"]["cfg"]
+    if trainer["buffer_type"] != "standard" or env_kind(cfg["env"]) != "jax":
+        raise ConfigError("algorithm.name 'grpo' runs in standard mode with a JAX-native env (trainer.buffer_type "
+                          "'standard', env.type 'jax'); vla mode and host envs are not supported yet")
+    if trainer["num_envs"] % algo["group_size"]:
+        raise ConfigError(f"trainer.num_envs ({trainer['num_envs']}) must be a multiple of algorithm.cfg.group_size "
+                          f"({algo['group_size']})")
+    if algo["filter_low"] > algo["filter_high"]:
+        raise ConfigError(f"algorithm.cfg.filter_low ({algo['filter_low']}) exceeds algorithm.cfg.filter_high "
+                          f"({algo['filter_high']})")
+    if algo["reward"] == "return" and (algo["filter_low"], algo["filter_high"]) != (0, 1):
+        raise ConfigError("algorithm.cfg.filter_low/filter_high filter groups by success rate: they need "
+                          "algorithm.cfg.reward 'success'")
+    if algo["noise_correlation"] > 0:
+        raise ConfigError("algorithm.cfg.noise_correlation is PPO-only (GRPO's rollouts draw independent noise)")
 
 
 def resolve(raw: dict) -> dict:

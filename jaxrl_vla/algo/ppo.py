@@ -315,8 +315,14 @@ def update(
     minibatch_sharding: jax.sharding.Sharding | None = None,
     aux_loss_fn: AuxLossFn | None = None,
     demos: Demonstrations | None = None,
+    loss_fn: Callable[..., tuple[jax.Array, dict]] | None = None,
 ) -> tuple[Any, Any, dict]:
     """n_epochs passes of shuffled minibatch SGD over `batch`; pure and jittable.
+
+    `loss_fn(params, apply_fn, minibatch, cfg, aux_loss_fn, demos) -> (loss, metrics)`
+    (default `ppo_loss`) is the objective of each minibatch step: GRPO
+    (`jaxrl_vla.algo.grpo`) runs its own loss and batch type through this same
+    epoch x minibatch machinery. Its metrics need "approx_kl" where target_kl is set.
 
     `minibatch_sharding` (e.g. `NamedSharding(mesh, P(None, "data"))`) splits
     every minibatch over the devices: each computes the loss and gradients of
@@ -343,8 +349,9 @@ def update(
     num_samples = batch.advantage.shape[0]
     num_minibatches = cfg.num_minibatches(num_samples)
     used = num_minibatches * cfg.batch_size
+    objective = ppo_loss if loss_fn is None else loss_fn
     grad_fn = jax.value_and_grad(
-        lambda p, *args: ppo_loss(stop_frozen_gradients(p, trainable_mask), *args), has_aux=True
+        lambda p, *args: objective(stop_frozen_gradients(p, trainable_mask), *args), has_aux=True
     )
 
     def minibatch_step(carry, minibatch: tuple[Batch, Demonstrations | None]):
@@ -396,5 +403,6 @@ def update(
     summary = {k: jnp.sum(v * weight) for k, v in metrics.items()}
     summary["updates_applied"] = applied.sum()
     summary["early_stopped"] = stopped.astype(jnp.float32)
-    summary["explained_variance"] = explained_variance(batch.value, batch.returns)
+    if isinstance(batch, Batch):  # a critic's fit (GRPO's batches have no value)
+        summary["explained_variance"] = explained_variance(batch.value, batch.returns)
     return final.params, final.opt_state, summary

@@ -13,6 +13,15 @@ and keeps the final observation for truncation bootstrapping.
 
 Stochastic envs keep their own PRNG key inside their state: `step` takes no key,
 which keeps the interface identical for deterministic and stochastic envs.
+
+Resetting to a given state (GRPO's groups of rollouts from one start): a
+JAX-native env's `reset` is a pure function of its key, so equal keys give
+equal initial states; `grpo.GroupVecEnv` gives every env of a group its group's
+key. A host env (`jaxrl_vla.envs.host`) says it can by `seeded_reset = True`:
+`reset(seed=s)` then reproduces the same initial states for the same s. An env
+whose reset is not a function of its key or seed (it reads outside state) sets
+`seeded_reset = False`; `supports_seeded_reset` reads the attribute, and GRPO
+with such an env is a config error.
 """
 
 from __future__ import annotations
@@ -30,6 +39,12 @@ PyTree = Any
 # input. Policies that consume every leaf of an observation drop them (`policy_inputs`); a deployed
 # robot has no such key, so a policy that read one could not run there.
 PRIVILEGED_PREFIX = "privileged_"
+
+
+def supports_seeded_reset(env: Any) -> bool:
+    """Whether `env` can reset to a given state (module docstring): its `seeded_reset` attribute,
+    by default True for JAX-native envs (pure resets) and False for host envs."""
+    return bool(getattr(env, "seeded_reset", not getattr(env, "is_host_env", False)))
 
 
 def policy_inputs(obs: PyTree) -> PyTree:

@@ -19,7 +19,8 @@ class TrainState:
     """Everything a run needs to continue exactly; checkpointed whole.
 
     env_state / obs hold the JAX-native envs' state (None for host envs, whose
-    state lives outside JAX and restarts on resume).
+    state lives outside JAX and restarts on resume). ref_params: the reference
+    (starting) policy a KL penalty pulls towards (GRPO's kl_coef > 0), else None.
     """
 
     params: Any
@@ -30,6 +31,7 @@ class TrainState:
     iteration: jax.Array
     env_state: Any = None
     obs: Any = None
+    ref_params: Any = None
 
 
 def initial_train_state(

@@ -285,6 +285,15 @@ class Trainer:
         return replicated.replace(env_state=sharding.batch_sharded(self.mesh, state.env_state, self.num_envs),
                                   obs=sharding.batch_sharded(self.mesh, state.obs, self.num_envs))
 
+    def _rollout_and_learn(self, apply_fn: Callable, obs_encoder: Callable | None) -> tuple[Callable, Callable]:
+        """The iteration's pure `rollout(params, obs_stats, env_state, obs, key, version)` and
+        `learn(state, transitions, last_value, demos)`: PPO's; GRPO's trainer overrides this."""
+        rollout = make_rollout_fn(apply_fn, self.vec_env, self.buffer_size, self.chunk, obs_encoder,
+                                  self.cfg.noise_correlation)
+        learn = make_learn_fn(apply_fn, self.optimizer, self.cfg, self.trainable_mask, self.minibatch_sharding,
+                              auxiliary_loss(self.policy))
+        return rollout, learn
+
     def _build(self, total_iterations: int) -> None:
         num_minibatches = self.cfg.num_minibatches(self.samples_per_iteration)
         total_grad_steps = total_iterations * self.cfg.n_epochs * num_minibatches
@@ -292,10 +301,7 @@ class Trainer:
         apply_fn = self.policy.apply
         obs_encoder = self._rollout_encoder()
         self._demo_encoder = obs_encoder
-        rollout = make_rollout_fn(apply_fn, self.vec_env, self.buffer_size, self.chunk, obs_encoder,
-                                  self.cfg.noise_correlation)
-        learn = make_learn_fn(apply_fn, self.optimizer, self.cfg, self.trainable_mask, self.minibatch_sharding,
-                              auxiliary_loss(self.policy))
+        rollout, learn = self._rollout_and_learn(apply_fn, obs_encoder)
 
         def iteration(state: TrainState, demos: Demonstrations | None) -> tuple[TrainState, jax.Array, jax.Array]:
             self.trace_count += 1  # runs only while tracing: counts compilations
