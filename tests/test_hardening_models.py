@@ -62,3 +62,72 @@ def test_half_precision_checkpoint_gets_float32_master_weights_and_adam_state(tm
            "language": jnp.full((2, 6), 3, jnp.int32), "language_mask": jnp.ones((2, 6), bool)}
     dist, value = policy.apply(variables, obs)
     assert dist.mean.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(value)))
+
+
+# ----------------------------------------------------------------------------- 4. model inputs vs the env
+
+
+def _reach(**kw):
+    from jaxrl_vla.envs.vl_reach import VLReach
+
+    return VLReach(**{"image_size": 32, "instruction_length": 6, **kw})
+
+
+def test_vocab_size_below_the_env_token_ids_is_a_config_error():
+    from jaxrl_vla.envs.vl_reach import tokenizer
+
+    env = _reach()
+    top = tokenizer(6).vocab_size - 1  # VLReach's largest token id
+    assert int(env.observation_space["language"].high) == top
+    with pytest.raises(ConfigError) as err:
+        build_vla_policy(policy_cfg(vocab_size=top), env)
+    assert str(err.value) == (f"policy.vla_config.model_config.vocab_size ({top}) is too small for observation "
+                              f"'language': the env's token ids go up to {top} (needs vocab_size >= {top + 1})")
+    # exactly enough ids, and the model runs on the env's own observations
+    policy, variables, _ = build_vla_policy(policy_cfg(vocab_size=top + 1), env)
+    _, obs = env.reset(jax.random.PRNGKey(0))
+    dist, value = policy.apply(variables, jax.tree_util.tree_map(lambda x: x[None], obs))
+    assert dist.mean.shape == (1, 2) and bool(jnp.isfinite(value).all())
+
+
+@pytest.mark.parametrize(
+    "env_kw, override, needle",
+    [
+        ({"image_size": 48}, {}, "image_size (32) != observation 'rgb''s size 48 (its shape is (48, 48, 3))"),
+        ({}, {"proprio_dim": 2}, "proprio_dim (2) != observation 'proprio''s size 4 (its shape is (4,))"),
+        ({"proprio_velocity": False}, {}, "proprio_dim (4) != observation 'proprio''s size 2"),
+        ({"instruction_length": 9}, {"n_positions": 16}, "max_instruction_length (6) is below observation "
+                                                          "'language''s size 9"),
+        ({}, {"use_depth": True}, "the model reads observation 'depth' (image_size=32), which the env does not offer"),
+        ({"use_depth": True, "image_size": 40}, {"use_depth": True, "image_size": 40, "vocab_size": 5},
+         "vocab_size (5) is too small"),
+    ],
+    ids=["image_size", "proprio_dim", "proprio_position_only", "instruction_length", "depth_missing", "vocab"],
+)
+def test_model_config_against_the_observation_space_names_field_key_and_sizes(env_kw, override, needle):
+    with pytest.raises(ConfigError) as err:
+        build_vla_policy(policy_cfg(**override), _reach(**env_kw))
+    message = str(err.value)
+    assert message.startswith("policy.vla_config.model_config") and needle in message and "\n" not in message
+
+
+def test_inputs_are_checked_before_the_checkpoint_is_read(tmp_path):
+    """A mismatch is reported from the config alone: the (here unreadable) checkpoint is never opened."""
+    (tmp_path / "noise.pt").write_bytes(b"not read")
+    with pytest.raises(ConfigError, match="image_size"):
+        build_vla_policy(policy_cfg(str(tmp_path / "noise.pt")), _reach(image_size=40))
+
+
+def test_other_model_families_register_their_own_input_checks(monkeypatch):
+    from jaxrl_vla.models import vla_policy
+
+    class Env:
+        action_space = Box(-1.0, 1.0, (2,))
+        observation_space = {"state": Box(-1.0, 1.0, (5,))}
+
+    monkeypatch.setitem(vla_policy.INPUT_SPECS, "MyVLA", lambda cfg: {
+        "state": (vla_policy.InputRequirement("state_dim", cfg["state_dim"], 0),)})
+    vla_policy.check_model_inputs("pkg.MyVLA", {"state_dim": 5}, Env())
+    with pytest.raises(ConfigError, match=r"model_config\.state_dim \(3\) != observation 'state''s size 5"):
+        vla_policy.check_model_inputs("pkg.MyVLA", {"state_dim": 3}, Env())
+    vla_policy.check_model_inputs("pkg.Unregistered", {"anything": 1}, Env())  # unknown families: no check

@@ -17,6 +17,7 @@ and both modes use it exactly like ActorCritic.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -167,6 +168,109 @@ def _check_action_dim(policy_cfg: dict, model_config: dict, env: Any) -> None:
         raise ConfigError(f"policy.action_dim ({policy_cfg['action_dim']}) != the env's action dimension ({env_dim})")
 
 
+# ----------------------------------------------------------------------------- model inputs vs the env
+
+
+@dataclasses.dataclass(frozen=True)
+class InputRequirement:
+    """One thing a model config fixes about one observation key, and the config field that fixes it.
+
+    `axis` is an axis of the per-sample observation shape (no batch axis) whose size
+    must equal `size` (or be at most `size` with `at_most`); `axis=None` means the
+    observation holds token ids, which must all be below `size` (a vocabulary).
+    """
+
+    field: str
+    size: int
+    axis: int | None = None
+    at_most: bool = False
+
+
+InputSpecFn = Callable[[dict], dict[str, tuple[InputRequirement, ...]]]
+# model class name (the last part of vla_config.model_class) -> its inputs: {obs key: requirements}
+INPUT_SPECS: dict[str, InputSpecFn] = {}
+
+
+def register_input_spec(class_name: str, spec_fn: InputSpecFn) -> None:
+    """Teach `check_model_inputs` a model family: `spec_fn(model_config) -> {obs_key: requirements}`.
+
+    `spec_fn` may raise ValueError for a model_config it cannot read (reported as a
+    ConfigError naming policy.vla_config.model_config). Families without an entry are
+    not checked (their first forward pass is the check).
+    """
+    INPUT_SPECS[class_name] = spec_fn
+
+
+def gpt_vla_inputs(model_config: dict) -> dict[str, tuple[InputRequirement, ...]]:
+    """GPTVLAModel's inputs: square rgb (and depth) of image_size, proprio of proprio_dim, language ids
+    below vocab_size, at most max_instruction_length of them."""
+    from jaxrl_vla.models.vla import VLAModelConfig
+
+    cfg = VLAModelConfig.from_dict(model_config)
+    image = (InputRequirement("image_size", cfg.image_size, 0), InputRequirement("image_size", cfg.image_size, 1))
+    spec = {"rgb": image,
+            "language": (InputRequirement("vocab_size", cfg.vocab_size),
+                         InputRequirement("max_instruction_length", cfg.max_instruction_length, 0, at_most=True))}
+    if cfg.use_depth:
+        spec["depth"] = image
+    if cfg.proprio_dim > 0:
+        spec["proprio"] = (InputRequirement("proprio_dim", cfg.proprio_dim, 0),)
+    return spec
+
+
+register_input_spec("GPTVLAModel", gpt_vla_inputs)
+
+
+def check_model_inputs(model_class: str, model_config: dict, env: Any) -> None:
+    """ConfigError naming the model field, the observation key and both sizes when the model config does not
+    fit the env's observation space; run before any weight is loaded or anything is written.
+
+    Why: a vocab_size below the env's token ids makes the embedding lookup clamp silently
+    (and the run trains to NaN), and an image_size or proprio_dim that differs ends in a
+    raw Flax shape traceback from the first forward pass.
+    """
+    spec_fn = INPUT_SPECS.get(str(model_class).rsplit(".", 1)[-1])
+    space = getattr(env, "observation_space", None)
+    if spec_fn is None or not isinstance(space, dict):
+        return
+    try:
+        spec = spec_fn(model_config)
+    except ValueError as err:
+        raise ConfigError(f"policy.vla_config.model_config: {err}") from None
+    prefix = "policy.vla_config.model_config"
+    for key, requirements in spec.items():
+        if key not in space:
+            fields = ", ".join(sorted({f"{r.field}={r.size}" for r in requirements}))
+            raise ConfigError(f"{prefix}: the model reads observation {key!r} ({fields}), which the env does not "
+                              f"offer (it offers {', '.join(sorted(space))})")
+        shape = tuple(getattr(space[key], "shape", ()))
+        for req in requirements:
+            if req.axis is None:
+                high = _max_token_id(space[key])
+                if high is not None and high >= req.size:
+                    raise ConfigError(f"{prefix}.{req.field} ({req.size}) is too small for observation {key!r}: the "
+                                      f"env's token ids go up to {high} (needs {req.field} >= {high + 1})")
+                continue
+            if req.axis >= len(shape):
+                raise ConfigError(f"{prefix}.{req.field} ({req.size}): observation {key!r} has shape {shape}, "
+                                  f"with no axis {req.axis} for it to size")
+            got = shape[req.axis]
+            if got > req.size if req.at_most else got != req.size:
+                relation = "is below" if req.at_most else "!="
+                raise ConfigError(f"{prefix}.{req.field} ({req.size}) {relation} observation {key!r}'s size {got} "
+                                  f"(its shape is {shape})")
+
+
+def _max_token_id(box: Any) -> int | None:
+    """The largest id an integer observation can hold (its Box's high), or None if unbounded or not integer."""
+    high = getattr(box, "high", None)
+    dtype = getattr(box, "dtype", None)
+    if high is None or dtype is None or not np.issubdtype(np.dtype(dtype), np.integer):
+        return None
+    high = np.max(np.asarray(high, np.float64))
+    return int(high) if np.isfinite(high) else None
+
+
 def _check_prefixes(variables: dict, prefixes: list[str], field: str) -> None:
     """ConfigError naming `field` and the prefix when a prefix matches no parameter (a typo would
     otherwise freeze or rescale nothing, silently)."""
@@ -207,6 +311,7 @@ def build_vla_policy(policy_cfg: dict, env: Any) -> tuple[VLAPolicy, dict, dict 
         if model_config["action_chunk"] != policy_cfg["action_chunk"]:
             raise ConfigError("policy.action_chunk differs from policy.vla_config.model_config.action_chunk")
     _check_action_dim(policy_cfg, model_config, env)
+    check_model_inputs(vla["model_class"], model_config, env)
     dtype = jnp.bfloat16 if policy_cfg.get("dtype") == "bfloat16" else jnp.float32
     master = master_weight_dtype(policy_cfg)
     path = vla.get("model_path")
