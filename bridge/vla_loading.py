@@ -880,3 +880,7 @@ def export_to_torch(
     metadata = {"format": "pt", "model_class": _class_path(cls), "model_config": json.dumps(config, default=str)}
     _atomic_save_safetensors(state_dict, path, metadata)
     return path
+
+
+# Twins of transformers' decoder language models (Llama, Qwen2, Gemma): rules and registrations.
+import bridge.hf_families  # noqa: E402,F401  (after the names it imports from this module)
