@@ -117,6 +117,23 @@ def test_hidden_states_match_transformers(family, overrides):
             assert err <= 1e-5, (family, padding, pos is not None, err)
 
 
+def test_sdpa_reference_on_real_tokens():
+    """transformers' default attention (SDPA) agrees on every non-padding row, left and right padding."""
+    cfg, _, variables = build("llama", CASES[0][1], seed=0)
+    torch.manual_seed(0)
+    ref = transformers.LlamaModel(cfg).eval()
+    ref.config._attn_implementation = "sdpa"
+    ref.load_state_dict(find_twin(type(ref)).export_fn(ref, variables), strict=True)
+    ids = torch.randint(0, cfg.vocab_size, (3, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.tensor([IDS_MASKS["left"][0], IDS_MASKS["right"][0], IDS_MASKS["none"][0]])
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
+    got = np.asarray(DecoderLM(DecoderConfig.from_hf_dict(cfg.to_dict())).apply(
+        variables, jnp.asarray(ids.numpy()), jnp.asarray(mask.numpy())))
+    rows = mask.numpy().astype(bool)
+    assert max_abs(got[rows], want[rows]) <= 1e-5
+
+
 def test_position_ids_from_mask_matches_generate_convention():
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]])
     want = mask.long().cumsum(-1) - 1
@@ -195,6 +212,13 @@ def test_unimplemented_options_are_refused_by_name(family, extra, name):
             DecoderConfig.from_hf_dict(legacy)
 
 
+def test_per_layer_rope_parameters_refused():
+    cfg = hf_config("llama", hidden_size=16, num_attention_heads=2, num_key_value_heads=2).to_dict()
+    cfg["rope_parameters"] = {"full_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    with pytest.raises(DecoderConfigError, match="per-layer-type rope"):
+        DecoderConfig.from_hf_dict(cfg)
+
+
 def test_unknown_model_type_names_the_supported_ones():
     with pytest.raises(DecoderConfigError, match=r"'mistral'.*gemma.*llama.*qwen2"):
         DecoderConfig.from_hf_dict({"model_type": "mistral", "hidden_size": 8})
@@ -205,6 +229,11 @@ def test_legacy_rope_theta_and_real_qwen2_sliding_window_field_accepted():
     cfg.pop("rope_parameters")
     cfg.update(rope_theta=12345.0, rope_scaling=None, sliding_window=32768, use_sliding_window=False, layer_types=None)
     assert DecoderConfig.from_hf_dict(cfg).rope_theta == 12345.0
+    # Gemma: a legacy hidden_act "gelu" means the tanh GELU (HF's GemmaConfig rewrites it too)
+    gemma = hf_config("gemma", hidden_size=16, num_attention_heads=2, num_key_value_heads=2).to_dict()
+    gemma["hidden_act"] = "gelu"
+    got = DecoderConfig.from_hf_dict(gemma)
+    assert got.hidden_act == "gelu_pytorch_tanh" and got.norm_scale_plus_one and got.scale_embeddings
 
 
 @pytest.mark.parametrize("family,causal_lm,tied", [("llama", False, False), ("qwen2", True, False),

@@ -123,7 +123,7 @@ def rope_theta_of(config: Mapping[str, Any]) -> float:
     for source, entry in (("rope_parameters", params), ("rope_scaling", legacy)):
         if not isinstance(entry, Mapping):
             raise DecoderConfigError(f"{source} must be a mapping, got {entry!r}")
-        if entry and not isinstance(entry.get("rope_type", entry.get("type", "default")), str):
+        if any(isinstance(v, Mapping) for v in entry.values()):
             raise DecoderConfigError(f"{source}: per-layer-type rope parameters are not implemented")
         rope_type = entry.get("rope_type", entry.get("type", "default"))
         if rope_type not in (None, "default"):
