@@ -429,6 +429,12 @@ def _check_int32_range(t: torch.Tensor, path: str) -> None:
 
 def _convert_tensor(t: torch.Tensor, path: str, ctx: _Ctx, materialised: bool) -> jax.Array:
     """One tensor leaf -> jax.Array, recorded in ``ctx.stats``."""
+    if t.is_meta:
+        raise TypeError(f"leaf {path!r}: a meta tensor (shape {tuple(t.shape)}, no data) cannot become an array; "
+                        "materialise it first (e.g. model.to_empty(device='cpu') and load its weights)")
+    if t.layout != torch.strided:
+        raise TypeError(f"leaf {path!r}: {str(t.layout).removeprefix('torch.')} tensors have no dense buffer to "
+                        "share; convert it with .to_dense() first")
     t = t.detach()  # shares memory; torch refuses to export grad-tracking tensors
     try:
         plan = plan_leaf(t, int64=ctx.int64, float64=ctx.float64, force_copy=ctx.copy, x64=ctx.x64)
@@ -537,14 +543,23 @@ def _items(node: Any) -> Iterator[tuple[str, Any]]:
         yield key, value
 
 
-def _walk(node: Any, prefix: str, ctx: _Ctx) -> dict:
-    """Recursive conversion of one level; nested levels become nested dicts."""
+def _walk(node: Any, prefix: str, ctx: _Ctx, batch: _Batch = None, seen: dict[str, str] | None = None) -> dict:
+    """Recursive conversion of one level; nested levels become nested dicts.
+
+    `batch` is the batch shape string entries must have (a TensorDict's batch_size,
+    or the first dim all tensors of a plain mapping share; see `_plain_batch`);
+    `seen` maps each "/"-joined path already taken to the key chain that took it.
+    """
     out: dict[str, Any] = {}
     materialised = isinstance(node, LazyStackedTensorDict)
+    if isinstance(node, TensorDictBase) and len(node.batch_size):
+        batch = tuple(node.batch_size)
+    seen = {} if seen is None else seen
     children = list(_items(node))
     names = {k for k, _ in children}
     for key, value in children:
         path = f"{prefix}/{key}" if prefix else key
+        _claim(path, key, prefix, seen)
         if isinstance(value, torch.Tensor):
             out[key] = _convert_tensor(value, path, ctx, materialised)
         elif is_non_tensor(value) or isinstance(value, (str, list, tuple)):
@@ -554,15 +569,63 @@ def _walk(node: Any, prefix: str, ctx: _Ctx) -> dict:
             text = _text_batch(value)
             if text is None:
                 raise TypeError(f"leaf {path!r}: non-tensor data that is not a (batch of) string(s)")
+            _check_text_batch(path, text[1], batch)
             mask_key = key + "_mask"
             if mask_key in names:
                 raise ValueError(f"leaf {path!r}: cannot add {mask_key!r}, the key already exists")
+            _claim(f"{path}_mask", mask_key, prefix, seen)
             out[key], out[mask_key] = _tokenize(*text, path, ctx)
         elif isinstance(value, (TensorDictBase, Mapping)):
-            out[key] = _walk(value, path, ctx)
+            out[key] = _walk(value, path, ctx, batch, seen)
         else:
             raise TypeError(f"leaf {path!r}: unsupported type {type(value).__name__}")
     return out
+
+
+# The batch shape string entries must match: a shape, None (nothing to match), or the set of first dims
+# on which a plain mapping's tensors disagree (then no batch can be told, and strings are an error).
+_Batch = tuple[int, ...] | frozenset[int] | None
+
+
+def _claim(path: str, key: str, prefix: str, seen: dict[str, str]) -> None:
+    """Refuse a second leaf under the same "/"-joined path (a literal "a/b" key beside a nested a -> b).
+
+    Stats, errors and `language_keys` name leaves by that path, so two leaves
+    sharing it could not be told apart (one would be tokenised or skipped for the other).
+    """
+    chain = f"{seen.get(prefix, prefix)!s} -> {key!r}" if prefix else repr(key)
+    if path in seen:
+        raise ValueError(f"leaf {path!r}: keys {seen[path]} and {chain} both name it; "
+                         "a key must not contain '/' where that collides with a nested key")
+    seen[path] = chain
+
+
+def _plain_batch(tree: Mapping[str, Any]) -> _Batch:
+    """The first dim every tensor of a plain mapping has (its batch), outside nested TensorDicts."""
+    firsts: set[int] = set()
+
+    def visit(node: Mapping[str, Any]) -> None:
+        for value in node.values():
+            if isinstance(value, torch.Tensor) and value.ndim:
+                firsts.add(int(value.shape[0]))
+            elif isinstance(value, Mapping) and not isinstance(value, TensorDictBase):
+                visit(value)
+
+    visit(tree)
+    if not firsts:
+        return None
+    return (firsts.pop(),) if len(firsts) == 1 else frozenset(firsts)
+
+
+def _check_text_batch(path: str, shape: tuple[int, ...], batch: _Batch) -> None:
+    """A batch of strings must have as many rows as the tensors beside it (one string is broadcast)."""
+    if not shape or batch is None:
+        return
+    if isinstance(batch, frozenset):
+        raise ValueError(f"leaf {path!r}: {shape[0]} strings, but the tensors beside them disagree on the batch "
+                         f"size (first dims {sorted(batch)})")
+    if shape[: len(batch)] != batch:
+        raise ValueError(f"leaf {path!r}: strings of batch shape {shape} next to tensors of batch shape {batch}")
 
 
 def _dtype_option(value: str, table: dict[str, torch.dtype], name: str, x64: bool) -> torch.dtype:
@@ -626,7 +689,7 @@ def td_to_jax(
         float64=_dtype_option(float64, _FLOAT64_TARGETS, "float64", x64),
         x64=x64,
     )
-    return _walk(td, "", ctx)
+    return _walk(td, "", ctx, None if isinstance(td, TensorDictBase) else _plain_batch(td))
 
 
 td_to_jax.last_stats = None  # type: ignore[attr-defined]

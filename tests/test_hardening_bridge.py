@@ -234,3 +234,79 @@ def test_loading_errors_reach_the_cli_as_config_errors(tmp_path):
                           "model_config": dict(CONFIG), "make_checkpoint": None}}
     with pytest.raises(ConfigError, match=r"^policy\.vla_config: .*noise\.pth is not a torch checkpoint"):
         build_vla_policy(cfg, Env())
+
+
+# ----------------------------------------------------------------------------- td_to_jax's bad inputs
+
+
+def _tokenizer():
+    from jaxrl_vla.tokenizer import WordTokenizer
+
+    return WordTokenizer(["go", "left", "right"], 4)
+
+
+@pytest.mark.parametrize(
+    "tree, needle",
+    [
+        ({"rgb": torch.zeros(4, 3), "instr": ["go", "left"]}, r"'instr': strings of batch shape \(2,\) next to "
+                                                               r"tensors of batch shape \(4,\)"),
+        ({"obs": {"rgb": torch.zeros(4, 3)}, "task": {"instr": ["go"] * 5}}, r"'task/instr': strings of batch "
+                                                                              r"shape \(5,\)"),
+        ({"a": torch.zeros(4), "b": torch.zeros(3), "instr": ["go"] * 4}, r"'instr': 4 strings, but the tensors "
+                                                                          r"beside them disagree .*\[3, 4\]"),
+    ],
+    ids=["flat", "nested", "tensors-disagree"],
+)
+def test_td_to_jax_strings_whose_batch_differs_from_the_tensors(tree, needle):
+    from bridge import td_to_jax
+
+    with pytest.raises(ValueError, match=needle):
+        td_to_jax(tree, tokenizer=_tokenizer())
+
+
+def test_td_to_jax_strings_that_match_the_batch_still_convert():
+    from tensordict import NonTensorData, TensorDict
+
+    from bridge import td_to_jax
+
+    out = td_to_jax({"rgb": torch.zeros(2, 3), "instr": ["go left", "right"], "scalar": torch.tensor(1.0),
+                     "one": "go"}, tokenizer=_tokenizer())
+    assert out["instr"].shape == (2, 4) and out["one"].shape == (4,)
+    td = TensorDict({"rgb": torch.zeros(3, 2), "instr": NonTensorData("go", batch_size=[3])}, batch_size=[3])
+    assert td_to_jax(td, tokenizer=_tokenizer())["instr_mask"].shape == (3, 4)
+
+
+@pytest.mark.parametrize(
+    "make, needle",
+    [
+        (lambda: torch.zeros(2, 3, device="meta"), "a meta tensor"),
+        (lambda: torch.eye(3).to_sparse(), "sparse_coo tensors"),
+        (lambda: torch.eye(3).to_sparse_csr(), "sparse_csr tensors"),
+    ],
+    ids=["meta", "sparse-coo", "sparse-csr"],
+)
+def test_td_to_jax_meta_and_sparse_tensors_name_the_key(make, needle):
+    from tensordict import TensorDict
+
+    from bridge import td_to_jax
+
+    with pytest.raises(TypeError, match=rf"leaf 'obs/weird': {needle}"):
+        td_to_jax({"obs": {"ok": torch.zeros(2), "weird": make()}})
+    if needle == "a meta tensor":  # a TensorDict holding it says the same
+        with pytest.raises(TypeError, match="leaf 'weird': a meta tensor"):
+            td_to_jax(TensorDict({"weird": make()}, batch_size=[2]))
+
+
+@pytest.mark.parametrize("literal_first", [True, False])
+def test_td_to_jax_literal_slash_key_colliding_with_a_nested_key(literal_first):
+    from bridge import td_to_jax
+
+    items = [("a/b", torch.zeros(3)), ("a", {"b": torch.ones(3)})]
+    tree = dict(items if literal_first else items[::-1])
+    with pytest.raises(ValueError, match=r"leaf 'a/b': keys .* both name it") as err:
+        td_to_jax(tree)
+    assert "'a/b'" in str(err.value) and "'a' -> 'b'" in str(err.value)
+    # a slash key that collides with nothing is still a plain key
+    assert set(td_to_jax({"a/b": torch.zeros(3), "a": {"c": torch.ones(3)}})) == {"a/b", "a"}
+    with pytest.raises(ValueError, match="'x/instr_mask'"):  # a tokenised entry's mask collides too
+        td_to_jax({"x/instr_mask": torch.zeros(1, 4), "x": {"instr": ["go"]}}, tokenizer=_tokenizer())
