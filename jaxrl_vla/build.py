@@ -45,6 +45,14 @@ def build_env(env_cfg: dict) -> Any:
         from jaxrl_vla.envs.host import make_gymnasium_env
 
         return make_gymnasium_env(name.removeprefix("gymnasium:"), **kwargs)
+    if kind == "metaworld":
+        from jaxrl_vla.envs.metaworld import MetaWorldEnv
+
+        _check_kwargs(MetaWorldEnv, kwargs, "env")
+        try:
+            return MetaWorldEnv(name.removeprefix("metaworld:"), **kwargs)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     if kind in ("torchrl", "tensordict"):
         from bridge.envs import make_torch_env  # the bridge owns torch envs
 

@@ -58,7 +58,7 @@ _BUFFER_TYPE = _one_of("standard", "vla")
 _SCHEDULE = _one_of("constant", "linear", "cosine")
 _ACTIVATION = _one_of("tanh", "relu", "gelu", "elu", "silu")
 _POLICY = _one_of("actor_critic", "vla")
-_ENV_TYPE = _one_of("jax", "gymnasium", "torchrl", "tensordict")
+_ENV_TYPE = _one_of("jax", "gymnasium", "torchrl", "tensordict", "metaworld")
 _DTYPE = _one_of("float32", "bfloat16")
 
 # "free" marks a section whose keys are not fixed (env kwargs, model_config).
@@ -137,8 +137,8 @@ SCHEMA: dict[str, Any] = {
 }
 
 ENV_DOC = {
-    "name": "registered env id (CartPole-v1, Pendulum-v1, VLReach-v0, gymnax:<id>, gymnasium:<id>, ...)",
-    "type": "'jax' (default for registered JAX envs), 'gymnasium', 'torchrl' or 'tensordict'",
+    "name": "registered env id (CartPole-v1, Pendulum-v1, VLReach-v0, gymnax:<id>, gymnasium:<id>, metaworld:<MT10|MT50|task>, ...)",
+    "type": "'jax' (default for registered JAX envs), 'gymnasium', 'torchrl', 'tensordict' or 'metaworld'",
     "...": "every other key is passed to the env's constructor, whose signature checks it",
 }
 
@@ -447,8 +447,10 @@ def schema_markdown() -> str:
 
 
 def env_kind(env_cfg: dict) -> str:
-    """Where the env steps: "jax" (in the jitted program), "gymnasium", "torchrl" or "tensordict" (host)."""
+    """Where the env steps: "jax" (in the jitted program), "gymnasium", "torchrl", "tensordict" or "metaworld" (host)."""
     kind = env_cfg.get("type", "jax")
     if kind == "jax" and str(env_cfg.get("name", "")).startswith("gymnasium:"):
         return "gymnasium"
+    if kind == "jax" and str(env_cfg.get("name", "")).startswith("metaworld:"):
+        return "metaworld"
     return kind

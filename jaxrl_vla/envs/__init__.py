@@ -34,6 +34,7 @@ __all__ = [
 Factory = Callable[..., Env]
 
 GYMNAX_PREFIX = "gymnax:"
+METAWORLD_PREFIX = "metaworld:"  # "metaworld:MT10", "metaworld:reach-v3": a host env (jaxrl_vla.envs.metaworld)
 
 # name -> factory: a callable, or a lazily imported "module:attr" string.
 _REGISTRY: dict[str, str | Factory] = {
@@ -50,8 +51,8 @@ def register_env(name: str, factory: str | Factory, *, overwrite: bool = False) 
     Re-registering a name raises unless `overwrite=True`, so two envs cannot
     silently shadow each other.
     """
-    if name.startswith(GYMNAX_PREFIX):
-        raise ValueError(f"names starting with {GYMNAX_PREFIX!r} are reserved for gymnax envs")
+    if name.startswith(GYMNAX_PREFIX) or name.startswith(METAWORLD_PREFIX):
+        raise ValueError(f"names starting with {name.split(':')[0] + ':'!r} are reserved for gymnax / Meta-World envs")
     if isinstance(factory, str) and ":" not in factory:
         raise ValueError(f"factory string must look like 'module:attr', got {factory!r}")
     if name in _REGISTRY and not overwrite:
@@ -86,6 +87,10 @@ def make_env(name: str, **kwargs: Any) -> Env:
         from jaxrl_vla.envs.gymnax_adapter import GymnaxEnv
 
         return GymnaxEnv(name[len(GYMNAX_PREFIX) :], **kwargs)
+    if name.startswith(METAWORLD_PREFIX):
+        from jaxrl_vla.envs.metaworld import make_metaworld_env
+
+        return make_metaworld_env(name, **kwargs)
     if name not in _REGISTRY:
         raise _unknown_env_error(name)
     return _resolve(_REGISTRY[name])(**kwargs)
