@@ -122,6 +122,36 @@ def test_groups_share_their_initial_states_and_score_only_the_first_episode():
     np.testing.assert_array_equal(first, dones & mask)  # statistics count first episodes only
 
 
+def test_success_outcomes_are_the_first_episodes_success():
+    class Succeeding:
+        """CartPole whose episodes 'succeed' when they end with the cart right of the centre."""
+        reports_success = True
+
+        def __init__(self, env):
+            self._env = env
+
+        def __getattr__(self, name):
+            return getattr(self._env, name)
+
+        def step(self, state, action):
+            state, ts = self._env.step(state, action)
+            return state, ts.replace(info=dict(ts.info, success=ts.obs[0] > 0))
+
+    vec = grpo.GroupVecEnv(Succeeding(make_env("CartPole-v1")), 8, 2, outcome="success")
+    state, _ = vec.reset(jax.random.PRNGKey(0))
+    step = jax.jit(vec.step)
+    rewards, dones, success = [], [], []
+    for t in range(50):
+        state, ts = step(state, jnp.full((8,), t % 3 == 0, jnp.int32))
+        rewards.append(np.asarray(ts.reward))
+        dones.append(np.asarray(ts.terminated | ts.truncated))
+        success.append(np.asarray(ts.info["success"]))
+    rewards, dones, success = map(np.stack, (rewards, dones, success))
+    first_end = dones & np_first_episode_mask(dones)
+    assert first_end.any()
+    np.testing.assert_array_equal(rewards, (first_end & success).astype(np.float32))
+
+
 def test_an_env_that_cannot_reset_to_a_given_state_is_refused():
     class Unseeded:
         seeded_reset = False
@@ -283,3 +313,34 @@ def test_a_resumed_grpo_run_equals_an_uninterrupted_one(tmp_path):
     # the reference stays the starting policy, through the checkpoint
     assert leaves_equal(uninterrupted.state.ref_params, resumed.state.ref_params)
     assert not leaves_equal(uninterrupted.state.params, uninterrupted.state.ref_params)
+
+
+@pytest.mark.parametrize("chunk, reward", [(2, "return")])  # (1, "success") works too: 20 s more
+def test_grpo_trains_a_tiny_vla(tmp_path, chunk, reward):
+    """The Gaussian VLA (chunked or not) on VLReach, with success outcomes and the filter or returns,
+    and the KL term; the value head is never read, so it stays as initialised. (8 steps rarely reach
+    a success: with all outcomes equal the advantages and the first update's KL gradient are 0.)"""
+    from jaxrl_vla.config import resolve
+
+    tiny = {"vision_encoder": "tiny", "language_model": "tiny", "vocab_size": 18, "max_instruction_length": 8,
+            "action_dim": 2, "proprio_dim": 4, "image_size": 32, "value_hidden_dim": 16}
+    algo = {"n_epochs": 1, "batch_size": 16, "group_size": 2, "kl_coef": 0.1, "reward": reward}
+    if reward == "success":
+        algo.update(filter_low=0.0, filter_high=0.9)
+    cfg = resolve({
+        "trainer": {"num_envs": 4, "buffer_size": 8, "iterations": 2, "eval_freq": 0, "progress": False,
+                    "output_dir": str(tmp_path), "exp_name": "vla"},
+        "algorithm": {"name": "grpo", "cfg": algo},
+        "policy": {"name": "vla", "action_chunk": chunk, "vla_config": {"model_path": None, "model_config": tiny}},
+        "env": {"name": "VLReach-v0", "image_size": 32},
+    })
+    trainer = build_trainer(cfg)
+    trainer.train()
+    records = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss/total"]) and np.isfinite(r["loss/kl"]) for r in records)
+    assert "grpo/groups_kept" in records[-1]
+    flat = lambda p: {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(p)[0]}  # noqa: E731
+    now, ref = flat(trainer.state.params), flat(trainer.state.ref_params)
+    assert all(np.array_equal(now[k], ref[k]) for k in now if "value" in k)
+    if reward == "return":
+        assert any(not np.array_equal(now[k], ref[k]) for k in now if "value" not in k)
