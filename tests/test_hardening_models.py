@@ -131,3 +131,75 @@ def test_other_model_families_register_their_own_input_checks(monkeypatch):
     with pytest.raises(ConfigError, match=r"model_config\.state_dim \(3\) != observation 'state''s size 5"):
         vla_policy.check_model_inputs("pkg.MyVLA", {"state_dim": 3}, Env())
     vla_policy.check_model_inputs("pkg.Unregistered", {"anything": 1}, Env())  # unknown families: no check
+
+
+# ----------------------------------------------------------------------------- 6. GAE bootstrap selection
+
+
+def _numpy_gae(rewards, values, next_values, terminated, dones, gamma, lam):
+    """Textbook GAE, one step at a time, with Python branches (no masks to multiply)."""
+    adv = np.zeros_like(values, dtype=np.float64)
+    for n in range(values.shape[1]):
+        running = 0.0
+        for t in reversed(range(values.shape[0])):
+            delta = rewards[t, n] + (0.0 if terminated[t, n] else gamma * next_values[t, n]) - values[t, n]
+            running = delta if dones[t, n] else delta + gamma * lam * running
+            adv[t, n] = running
+    return adv, adv + values
+
+
+def _transitions(rng, T, N, bad):
+    from jaxrl_vla.types import Transition
+
+    terminated = rng.random((T, N)) < 0.15
+    truncated = rng.random((T, N)) < 0.15
+    terminated[3, 0] = truncated[3, 0] = True  # at least one step ends both ways
+    both = terminated & truncated
+    final_value = np.where(truncated, rng.normal(size=(T, N)), 0.0).astype(np.float32)
+    final_value = np.where(both, np.float32(bad), final_value)  # V(final obs) of a terminated step: garbage
+    zeros = np.zeros((T, N), np.int32)
+    return Transition(obs=np.zeros((T, N, 1), np.float32), action=zeros, log_prob=np.zeros((T, N), np.float32),
+                      value=rng.normal(size=(T, N)).astype(np.float32), reward=rng.normal(size=(T, N)).astype(np.float32),
+                      terminated=terminated, truncated=truncated, final_value=final_value, chunk_index=zeros,
+                      policy_version=zeros)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 1e30])
+def test_gae_ignores_the_final_value_of_a_terminated_and_truncated_step(bad):
+    from jaxrl_vla.algo import ppo
+
+    rng = np.random.default_rng(0)
+    T, N, gamma, lam = 12, 3, 0.97, 0.9
+    rollout = _transitions(rng, T, N, bad)
+    last_value = rng.normal(size=N).astype(np.float32)
+    adv, ret = jax.jit(ppo.gae_from_transitions)(jax.tree_util.tree_map(jnp.asarray, rollout),
+                                                   jnp.asarray(last_value), gamma, lam)
+    assert bool(jnp.all(jnp.isfinite(adv))) and bool(jnp.all(jnp.isfinite(ret)))
+    next_values = np.concatenate([rollout.value[1:], last_value[None]])
+    next_values = np.where(rollout.truncated, rollout.final_value, next_values)
+    dones = rollout.terminated | rollout.truncated
+    ref_adv, ref_ret = _numpy_gae(rollout.reward, rollout.value, next_values, rollout.terminated, dones, gamma, lam)
+    np.testing.assert_allclose(np.asarray(adv), ref_adv, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(ret), ref_ret, rtol=1e-5, atol=1e-5)
+    # the same rollout with an honest 0 there gives bit-identical advantages
+    clean = rollout.replace(final_value=np.where(rollout.terminated, 0.0, rollout.final_value).astype(np.float32))
+    clean_adv, _ = jax.jit(ppo.gae_from_transitions)(jax.tree_util.tree_map(jnp.asarray, clean),
+                                                     jnp.asarray(last_value), gamma, lam)
+    np.testing.assert_array_equal(np.asarray(adv), np.asarray(clean_adv))
+
+
+def test_ring_buffer_gae_ignores_a_nan_final_value_of_a_terminated_step():
+    """The async mode's GAE (over the VLABuffer's ring) shares the selection."""
+    from jaxrl_vla.algo import ppo
+    from jaxrl_vla.buffer import circular
+
+    rng = np.random.default_rng(1)
+    T, N = 8, 3
+    rollout = _transitions(rng, T, N, np.nan)
+    state = circular.init(jax.tree_util.tree_map(lambda x: x[0], rollout), T)
+    state = circular.add_batch(state, rollout)
+    last_value = jnp.asarray(rng.normal(size=N).astype(np.float32))
+    adv, ret = circular.gae(state, last_value, 0.99, 0.95)
+    ref_adv, _ = ppo.gae_from_transitions(jax.tree_util.tree_map(jnp.asarray, rollout), last_value, 0.99, 0.95)
+    assert bool(jnp.all(jnp.isfinite(adv))) and bool(jnp.all(jnp.isfinite(ret)))
+    np.testing.assert_allclose(np.asarray(adv), np.asarray(ref_adv), rtol=1e-6, atol=1e-6)

@@ -79,17 +79,22 @@ def compute_gae(
     final observation, not the auto-reset one). `terminated` removes that
     bootstrap; `dones` (terminated or truncated) stops the advantage from
     flowing across an episode boundary. Returns (advantages, returns).
+
+    Both are *selected* with `where`, not multiplied by a 0/1 mask: 0 * NaN is NaN,
+    so a non-finite next value on a terminated step (a step both terminated and
+    truncated carries the final observation's value, which may be anything) or a
+    non-finite advantage from across a boundary would otherwise leak in.
     """
-    not_terminated = 1.0 - terminated.astype(values.dtype)
-    deltas = rewards + gamma * not_terminated * next_values - values
-    discounts = gamma * gae_lambda * (1.0 - dones.astype(values.dtype))
+    bootstrap = jnp.where(terminated, jnp.zeros_like(next_values), next_values)
+    deltas = rewards + gamma * bootstrap - values
+    discount = jnp.asarray(gamma * gae_lambda, values.dtype)
 
     def backward(next_advantage: jax.Array, step: tuple[jax.Array, jax.Array]):
-        delta, discount = step
-        advantage = delta + discount * next_advantage
+        delta, done = step
+        advantage = delta + jnp.where(done, jnp.zeros_like(next_advantage), discount * next_advantage)
         return advantage, advantage
 
-    _, advantages = jax.lax.scan(backward, jnp.zeros_like(values[0]), (deltas, discounts), reverse=True)
+    _, advantages = jax.lax.scan(backward, jnp.zeros_like(values[0]), (deltas, dones), reverse=True)
     return advantages, advantages + values
 
 
