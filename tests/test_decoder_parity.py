@@ -24,6 +24,8 @@ from jaxrl_vla.models.vla import (  # noqa: E402
     DecoderConfigError,
     DecoderForCausalLM,
     DecoderLM,
+    block_causal_mask,
+    causal_mask,
     position_ids_from_mask,
 )
 
@@ -177,6 +179,24 @@ def test_kv_prefix_equals_one_long_sequence():
     assert max_abs(alone, tail) > 1e-3
     with pytest.raises(ValueError, match="attention mask has shape"):
         model.apply(variables, ids[:, 6:], kv_prefix=kv, mask=hide[:, :, 1:])
+
+
+def test_block_causal_mask_against_loop():
+    rng = np.random.default_rng(0)
+    valid = np.array([[1] * 7, [0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0]], bool)
+    ar = np.array([[0, 0, 0, 1, 1, 0, 1], [0, 0, 0, 0, 1, 1, 1], rng.integers(0, 2, 7)])
+    got = np.asarray(block_causal_mask(jnp.asarray(valid), jnp.asarray(ar)))
+    want = np.zeros((3, 7, 7), bool)
+    for b in range(3):
+        block = np.cumsum(ar[b])
+        for q in range(7):
+            for k in range(7):
+                want[b, q, k] = valid[b, q] and valid[b, k] and block[k] <= block[q]
+    assert np.array_equal(got, want)
+    # all-ones ar_mask is the causal mask on real query rows
+    causal = np.asarray(causal_mask(jnp.asarray(valid), 3, 7))
+    ones = np.asarray(block_causal_mask(jnp.asarray(valid), jnp.ones(7)))
+    assert np.array_equal(ones[valid], causal[valid])
 
 
 def test_bf16_close_to_float32():

@@ -19,6 +19,7 @@ from jaxrl_vla.models.vla.layers import (
     Attention,
     GatedMLP,
     RMSNorm,
+    block_causal_mask,
     causal_mask,
     position_ids_from_mask,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "GatedMLP",
     "GemmaLM",
     "RMSNorm",
+    "block_causal_mask",
     "causal_mask",
     "gemma_config",
     "position_ids_from_mask",

@@ -11,6 +11,9 @@ padding mask (1/True = real token; left or right padding); a query row that
 sees no key at all (a left-padding position) attends uniformly over all keys,
 as transformers' eager path does: such rows are junk and should never be read.
 
+`block_causal_mask(attention_mask, ar_mask)` builds prefix-LM masks
+(bidirectional image + instruction prefix, causal suffix) for `mask=`.
+
 Positions. Rotary embeddings take explicit `position_ids` [B, T] (or [T]).
 transformers' model forward uses 0..T-1 whatever the padding; its `generate`
 derives them from the mask instead: `position_ids_from_mask` gives that
@@ -74,6 +77,21 @@ def causal_mask(attention_mask: jax.Array | None, batch: int, length: int) -> ja
     if attention_mask is None:
         return jnp.broadcast_to(causal, (batch, length, length))
     return causal & attention_mask.astype(bool)[:, None, :]
+
+
+def block_causal_mask(attention_mask: jax.Array, ar_mask: jax.Array) -> jax.Array:
+    """Boolean [B, T, T] for prefix-LM / block-causal attention (the pi0 / PaliGemma layout).
+
+    `ar_mask` [B, T] or [T]: 1 where a token starts a new block, 0 where it joins
+    the previous one. A query sees every real key whose block is not later than
+    its own: all-zero `ar_mask` is bidirectional, all-one is causal, and
+    [0]*P + [1]*S is a bidirectional prefix of P tokens followed by S causal ones.
+    Query rows of padding see no key (junk rows, as in `causal_mask`).
+    """
+    valid = attention_mask.astype(bool)
+    blocks = jnp.cumsum(jnp.broadcast_to(jnp.asarray(ar_mask).astype(jnp.int32), valid.shape), axis=-1)
+    visible = blocks[:, None, :] <= blocks[:, :, None]
+    return visible & valid[:, None, :] & valid[:, :, None]
 
 
 def position_ids_from_mask(attention_mask: jax.Array) -> jax.Array:
