@@ -185,3 +185,30 @@ def test_instruction_word_outside_the_vocabulary_is_named():
     np.testing.assert_array_equal(spec.language_ids[0], ids[0])
     with pytest.raises(ValueError, match=r"'pick-place-v3' \('pick up the puck and place it at the goal'\) has 10 words > 4"):
         MetaWorldEnv("MT10", tasks=["pick-place-v3"], camera=None, instruction_length=4)
+
+
+# ---------------------------------------------------------------------------- demonstrations
+
+
+def test_expert_demonstrations_with_dart_noise_round_trip(tmp_path):
+    from jaxrl_vla.tasks.demos import as_demonstrations, load_demos, save_demos
+    from jaxrl_vla.tasks.metaworld_demos import collect_metaworld_demos, per_task_success
+
+    spec = MetaWorldEnv("MT10", tasks=["reach-v3"], image_size=SIZE, max_episode_steps=150)
+    arrays = collect_metaworld_demos(spec, episodes_per_task=1, seed=3, noise_std=0.2)
+    again = collect_metaworld_demos(spec, episodes_per_task=1, seed=3, noise_std=0.2)
+    for key in arrays:  # a function of the seed alone
+        np.testing.assert_array_equal(arrays[key], again[key], err_msg=key)
+    assert per_task_success(arrays, spec.task_names) == {"reach-v3": 1.0}
+    n = len(arrays["action"])
+    assert arrays["episode_length"].tolist() == [n] and arrays["step"].tolist() == list(range(n))
+    assert arrays["terminated"][-1] and arrays["success"][-1] and not arrays["terminated"][:-1].any()
+    # executed = clip(label + N(0, 0.2^2)): the noise is there, and only where the clip allows
+    inside = np.abs(arrays["executed_action"]) < 1.0
+    noise = (arrays["executed_action"] - arrays["action"])[inside]
+    assert 0.15 < noise.std() < 0.25
+    path = save_demos(tmp_path / "mt.npz", arrays, "metaworld:MT10", spec.config(), spec.tokenizer().vocab, 3, 0.2)
+    demos = load_demos(path)
+    rebuilt = envs.make_env(demos["env_id"], **demos["env_kwargs"])
+    pairs = as_demonstrations(demos, rebuilt)  # shapes, dtypes and vocabulary match the env's
+    assert pairs.obs["rgb"].shape == (n, SIZE, SIZE, 3) and pairs.action.shape == (n, 4)

@@ -377,6 +377,11 @@ class MetaWorldEnv:
         if not isinstance(cache_size, int) or cache_size < 1:
             raise ValueError(f"env.cache_size: expected a positive integer, got {cache_size!r}")
         self.benchmark = benchmark
+        self._config = dict(tasks=None if tasks is None else list(tasks), camera=camera, image_size=image_size,
+                            max_episode_steps=max_episode_steps, instruction_length=instruction_length,
+                            instructions=instructions, vocab=None if vocab is None else list(vocab),
+                            reward_scale=reward_scale, state_obs=state_obs, benchmark_seed=benchmark_seed,
+                            cache_size=cache_size)
         self.task_names = resolve_tasks(benchmark, tasks)
         instructions = dict(instructions or {})
         for task in instructions:
@@ -432,6 +437,10 @@ class MetaWorldEnv:
     @property
     def max_episode_steps(self) -> int:
         return self._max_episode_steps
+
+    def config(self) -> dict[str, Any]:
+        """Every constructor argument but the benchmark (what demo files record to rebuild the env)."""
+        return dict(self._config)
 
     def tokenizer(self) -> WordTokenizer:
         """The WordTokenizer whose ids the env emits."""
