@@ -73,7 +73,8 @@ def causal_lm_to_torch(model: nn.Module, variables: Variables) -> dict[str, torc
     if not _is_tied(model):
         return flax_to_torch(model, variables)
     params = variables["params"]
-    with_head = {**variables, "params": {**params, "lm_head": {"kernel": params["model"]["embed_tokens"]["embedding"].T}}}
+    head = {"kernel": params["model"]["embed_tokens"]["embedding"].T}
+    with_head = {**variables, "params": {**params, "lm_head": head}}
     return flax_to_torch(model, with_head)
 
 

@@ -196,7 +196,9 @@ class Attention(nn.Module):
             v = jnp.concatenate([v_p.astype(v.dtype), v], axis=1)
         mask = jnp.asarray(mask)
         if mask.ndim != 3 or mask.shape[1:] != (length, k.shape[1]) or mask.shape[0] not in (1, batch):
-            raise ValueError(f"attention mask has shape {tuple(mask.shape)}; expected [{batch}, {length}, {k.shape[1]}]")
+            raise ValueError(
+                f"attention mask has shape {tuple(mask.shape)}; expected [{batch}, {length}, {k.shape[1]}]"
+            )
         groups = self.num_heads // self.num_kv_heads
         qg = q.reshape(batch, length, self.num_kv_heads, groups, d)
         scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k) * jnp.asarray(d**-0.5, q.dtype)

@@ -85,7 +85,9 @@ class DecoderConfig:
         if self.head_dim % 2:
             raise DecoderConfigError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
         if self.hidden_act not in ACTIVATIONS:
-            raise DecoderConfigError(f"hidden_act {self.hidden_act!r} is not implemented; choose one of {sorted(ACTIVATIONS)}")
+            raise DecoderConfigError(
+                f"hidden_act {self.hidden_act!r} is not implemented; choose one of {sorted(ACTIVATIONS)}"
+            )
 
     @classmethod
     def from_hf_dict(cls, config: Mapping[str, Any]) -> "DecoderConfig":
