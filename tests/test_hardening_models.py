@@ -203,3 +203,39 @@ def test_ring_buffer_gae_ignores_a_nan_final_value_of_a_terminated_step():
     ref_adv, _ = ppo.gae_from_transitions(jax.tree_util.tree_map(jnp.asarray, rollout), last_value, 0.99, 0.95)
     assert bool(jnp.all(jnp.isfinite(adv))) and bool(jnp.all(jnp.isfinite(ret)))
     np.testing.assert_allclose(np.asarray(adv), np.asarray(ref_adv), rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- 7. ResNet activations
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("hidden_act", ["gelu", "silu", "relu"])
+@pytest.mark.parametrize("layer_type", ["basic", "bottleneck"])
+def test_resnet_hidden_act_matches_transformers(hidden_act, layer_type):
+    """hidden_act acts in the stem and after each residual sum; inside a residual layer transformers uses ReLU."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from bridge.vla_loading import torch_to_flax
+    from jaxrl_vla.models.vla import ResNetModel, resnet_config
+
+    sizes = {"basic": dict(hidden_sizes=(8, 16), depths=(2, 1)), "bottleneck": dict(hidden_sizes=(16, 32), depths=(1, 2))}
+    cfg = resnet_config("tiny", layer_type=layer_type, hidden_act=hidden_act, **sizes[layer_type])
+    torch.manual_seed(0)
+    ref = transformers.ResNetModel(transformers.ResNetConfig(**cfg.to_hf_kwargs()))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # BN statistics and affine terms away from identity, so every activation sees negatives
+        for mod in ref.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.normal_(0.0, 0.2, generator=gen)
+                mod.running_var.uniform_(0.5, 1.5, generator=gen)
+                mod.bias.normal_(0.0, 0.3, generator=gen)
+    ref.eval()
+    pixels = torch.rand(2, 3, 32, 32, generator=gen) * 2 - 1
+    with torch.no_grad():
+        out = ref(pixel_values=pixels)
+    with jax.default_matmul_precision("highest"):
+        pooled, hidden = ResNetModel(cfg).apply(torch_to_flax(ref, ref.state_dict()),
+                                                jnp.asarray(pixels.permute(0, 2, 3, 1).numpy()))
+    want = out.last_hidden_state.permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(np.asarray(hidden), want, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(pooled), out.pooler_output.flatten(1).numpy(), rtol=0, atol=2e-5)

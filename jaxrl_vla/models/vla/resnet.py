@@ -45,6 +45,11 @@ from jaxrl_vla.models.vla.cpu_ops import conv_general_dilated_cpu, max_pool_cpu
 BN_EPSILON = 1e-5  # torch.nn.BatchNorm2d default
 _ACTIVATIONS = {"relu": nn.relu, "gelu": lambda x: nn.gelu(x, approximate=False), "silu": nn.silu}
 CONV_IMPLS = ("auto", "xla", "cpu")
+# The activation inside a residual layer, after its first convolution(s): transformers builds those
+# ResNetConvLayers with their default activation, ReLU, whatever `hidden_act` says; `hidden_act` acts
+# only in the stem and after each residual sum. Matching that (not applying hidden_act everywhere) is
+# what makes a gelu/silu checkpoint give the torch model's features.
+INNER_ACTIVATION = "relu"
 
 
 def check_conv_impl(conv_impl: str) -> None:
@@ -209,7 +214,11 @@ class ResNetShortCut(nn.Module):
 
 
 class ResNetBasicLayer(nn.Module):
-    """Two 3x3 convolutions with a residual connection (resnet18/34)."""
+    """Two 3x3 convolutions with a residual connection (resnet18/34).
+
+    `activation` (the config's hidden_act) follows the residual sum; between the
+    convolutions it is always ReLU (INNER_ACTIVATION), as in transformers.
+    """
 
     in_channels: int
     out_channels: int
@@ -223,7 +232,7 @@ class ResNetBasicLayer(nn.Module):
         if _needs_shortcut(self.in_channels, self.out_channels, self.stride):
             self.shortcut = ResNetShortCut(self.out_channels, self.stride, **conv)
         self.layer = [
-            ResNetConvLayer(self.out_channels, stride=self.stride, activation=self.activation, **conv),
+            ResNetConvLayer(self.out_channels, stride=self.stride, activation=INNER_ACTIVATION, **conv),
             ResNetConvLayer(self.out_channels, activation=None, **conv),
         ]
 
@@ -239,7 +248,8 @@ class ResNetBottleNeckLayer(nn.Module):
 
     The stride sits on the 3x3 convolution (ResNet v1.5) unless
     `downsample_in_bottleneck`, which moves it to the first 1x1 as in the
-    original paper, exactly like transformers.
+    original paper, exactly like transformers. `activation` (hidden_act) follows
+    the residual sum; between the convolutions it is ReLU (INNER_ACTIVATION).
     """
 
     in_channels: int
@@ -259,8 +269,8 @@ class ResNetBottleNeckLayer(nn.Module):
         first_stride = self.stride if self.downsample_in_bottleneck else 1
         middle_stride = 1 if self.downsample_in_bottleneck else self.stride
         self.layer = [
-            ResNetConvLayer(reduced, kernel_size=1, stride=first_stride, activation=self.activation, **conv),
-            ResNetConvLayer(reduced, stride=middle_stride, activation=self.activation, **conv),
+            ResNetConvLayer(reduced, kernel_size=1, stride=first_stride, activation=INNER_ACTIVATION, **conv),
+            ResNetConvLayer(reduced, stride=middle_stride, activation=INNER_ACTIVATION, **conv),
             ResNetConvLayer(self.out_channels, kernel_size=1, activation=None, **conv),
         ]
 
