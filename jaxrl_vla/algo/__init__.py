@@ -1,8 +1,9 @@
-"""Algorithms. `from jaxrl_vla.algo import ppo` gives PPO's pure functions."""
+"""Algorithms. `from jaxrl_vla.algo import ppo` gives PPO's pure functions, `grpo` GRPO's."""
 
-from jaxrl_vla.algo import ppo
+from jaxrl_vla.algo import grpo, ppo
+from jaxrl_vla.algo.grpo import GRPOConfig
 from jaxrl_vla.algo.ppo import PPOConfig
 
-ALGORITHMS = {"ppo": ppo}
+ALGORITHMS = {"ppo": ppo, "grpo": grpo}
 
-__all__ = ["ppo", "PPOConfig", "ALGORITHMS"]
+__all__ = ["ppo", "grpo", "PPOConfig", "GRPOConfig", "ALGORITHMS"]
