@@ -117,6 +117,24 @@ def test_two_envs_in_one_process_render_their_own_frames():
         drawer.close()
 
 
+def test_env_reset_in_one_thread_renders_in_another(spec):
+    """The async trainer resets in the main thread and steps in a collector thread (EGL contexts are per thread)."""
+    import threading
+
+    vec = spec.make(1, seed=2)
+    try:
+        vec.reset()
+        frames: list = []
+        worker = threading.Thread(target=lambda: frames.append(vec.step(np.zeros((1, 4)))[0]["rgb"][0]))
+        worker.start()
+        worker.join()
+        assert len(frames) == 1, "stepping in another thread raised"
+        copy = vec._copies[0]
+        np.testing.assert_array_equal(frames[0], np.rot90(reference_frame(copy.env.model, copy.env.data, "corner"), 2))
+    finally:
+        vec.close()
+
+
 def test_expert_succeeds_on_reach_within_the_step_limit():
     spec = envs.make_env("metaworld:reach-v3", camera=None, max_episode_steps=150, state_obs=True)
     vec = spec.make(1, seed=0)

@@ -6,7 +6,9 @@ Why not gymnasium's `MujocoRenderer` (what Meta-World's `render()` uses):
     off-screen samples off: 130-155 frames/s at 64-128 px on one core;
   * several envs in one process: each renderer owns a GL context, and only the
     current one draws; `render` here makes its own context current every time,
-    so N envs stepped in turn each get their own frame;
+    so N envs stepped in turn each get their own frame, and releases it after,
+    so the next frame may come from another thread (EGL refuses a context that
+    is still current in another thread);
   * orientation: Meta-World's "corner" cameras are mounted rolled by 180
     degrees (their image-up axis points at the floor), so their frames come
     out upside down. `CameraRenderer` rotates such frames by 180 degrees (a
@@ -36,6 +38,7 @@ GL_BACKENDS: dict[str, tuple[str, str]] = {
 }
 DEFAULT_BACKEND_ORDER = ("egl", "osmesa")
 _context_class: Any = None  # the GLContext class of the backend that started (one per process)
+_backend: str | None = None  # its MUJOCO_GL name
 
 
 class RenderError(RuntimeError):
@@ -55,7 +58,7 @@ def gl_context_class(order: tuple[str, ...] | None = None) -> Any:
     backend got as far as importing OpenGL the others usually cannot start in
     the same process; the error then says to choose one with MUJOCO_GL.
     """
-    global _context_class
+    global _context_class, _backend
     if _context_class is not None:
         return _context_class
     order = backend_order() if order is None else order
@@ -71,12 +74,20 @@ def gl_context_class(order: tuple[str, ...] | None = None) -> Any:
             failures.append(f"MUJOCO_GL={name} ({package}): {type(err).__name__}: {err}")
             continue
         os.environ.setdefault("MUJOCO_GL", name)
-        _context_class = cls
+        _context_class, _backend = cls, name
         return cls
     raise RenderError(
         "cannot start MuJoCo rendering; tried " + "; ".join(failures)
         + ". Install one of those packages, or set MUJOCO_GL to a backend that works here before starting Python"
     )
+
+
+def release_current() -> None:
+    """Leave no context current in this thread (EGL: a context current in one thread cannot be made
+    current in another, and the async trainer resets an env in one thread and steps it in a collector's)."""
+    if _backend == "egl":
+        egl = importlib.import_module("mujoco.egl")
+        egl.EGL.eglMakeCurrent(egl.EGL_DISPLAY, egl.EGL.EGL_NO_SURFACE, egl.EGL.EGL_NO_SURFACE, egl.EGL.EGL_NO_CONTEXT)
 
 
 def camera_names(model: Any) -> list[str]:
@@ -124,6 +135,7 @@ class CameraRenderer:
         self._context.make_current()
         self._mjr = mujoco.MjrContext(model, mujoco.mjtFontScale.mjFONTSCALE_150)
         mujoco.mjr_setBuffer(mujoco.mjtFramebuffer.mjFB_OFFSCREEN, self._mjr)
+        release_current()
         self._scene = mujoco.MjvScene(model, maxgeom=max_geom)
         self._scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
         self._scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
@@ -140,9 +152,12 @@ class CameraRenderer:
             raise RuntimeError("CameraRenderer.render after close")
         mj = self._mj
         self._context.make_current()  # several renderers in one process: draw into ours
-        mj.mjv_updateScene(self.model, data, self._option, None, self._cam, mj.mjtCatBit.mjCAT_ALL, self._scene)
-        mj.mjr_render(self._rect, self._scene, self._mjr)
-        mj.mjr_readPixels(self._buffer, None, self._rect, self._mjr)  # OpenGL order: bottom row first
+        try:
+            mj.mjv_updateScene(self.model, data, self._option, None, self._cam, mj.mjtCatBit.mjCAT_ALL, self._scene)
+            mj.mjr_render(self._rect, self._scene, self._mjr)
+            mj.mjr_readPixels(self._buffer, None, self._rect, self._mjr)  # OpenGL order: bottom row first
+        finally:
+            release_current()
         if camera_is_rolled(data, self.camera_id):
             return np.ascontiguousarray(self._buffer[:, ::-1])  # = the top-first frame rotated by 180 degrees
         return np.ascontiguousarray(self._buffer[::-1])
