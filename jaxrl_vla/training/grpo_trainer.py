@@ -99,6 +99,14 @@ class GRPOTrainer(Trainer):
         super().__init__(policy, env, algorithm, **kwargs)
         self.vec_env = grpo.GroupVecEnv(env, self.num_envs, algorithm.group_size, algorithm.reward)
 
+    def describe(self, total_iterations: int) -> str:
+        """The Trainer's line, plus what a GRPO iteration collects."""
+        limit = getattr(self.env, "max_episode_steps", None)
+        cut = "" if limit is None or self.buffer_size >= limit else f" (the env's own limit is {limit})"
+        return (f"GRPO: {self.num_envs // self.cfg.group_size} groups of {self.cfg.group_size}, one episode per env "
+                f"per iteration, cut at {self.buffer_size} steps{cut}, outcome {self.cfg.reward!r}; "
+                + super().describe(total_iterations))
+
     def _init_state(self, key: jax.Array, params: Any = None) -> TrainState:
         state = super()._init_state(key, params)
         if self.cfg.kl_coef > 0:  # the starting policy, checkpointed with the state (resume keeps it)
