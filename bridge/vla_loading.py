@@ -169,7 +169,8 @@ RULES: dict[type, tuple[LeafRule, ...]] = {
 }
 
 # Tensors deliberately not converted. num_batches_tracked only matters for BatchNorm with
-# momentum=None in train mode, and the twins keep BN frozen; it is re-created as 0 on export.
+# momentum=None in train mode, and the twins keep BN frozen; export_to_torch copies it from its
+# `source` checkpoint (0 without one).
 IGNORED_LEAVES: dict[type, frozenset[str]] = {nn.modules.batchnorm._BatchNorm: frozenset({"num_batches_tracked"})}
 
 # Checkpoint keys older transformers versions saved for GPT-2 (causal-mask buffers); dropped if the
@@ -839,6 +840,36 @@ def _owned_leaves(leaves: list, param_dtype: Any) -> list:
     return leaves
 
 
+def ignored_keys(model: nn.Module) -> set[str]:
+    """State_dict keys of `model` that no twin holds (IGNORED_LEAVES, e.g. BatchNorm's num_batches_tracked)."""
+    keys = set(model.state_dict())
+    out: set[str] = set()
+    for mod_path, module in model.named_modules(remove_duplicate=False):
+        for leaf in _lookup(IGNORED_LEAVES, module) or ():
+            key = f"{mod_path}.{leaf}" if mod_path else leaf
+            if key in keys:
+                out.add(key)
+    return out
+
+
+def _keep_ignored_leaves(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], source: str | os.PathLike | Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """`state_dict` with its ignored leaves taken from `source` where it has them (shape and dtype checked)."""
+    reference = read_checkpoint(source) if isinstance(source, (str, os.PathLike)) else source
+    out = dict(state_dict)
+    for key in sorted(ignored_keys(model)):
+        if key not in reference:  # a checkpoint saved without counters: torch's default, 0, stays
+            continue
+        kept, template = reference[key], out[key]
+        if tuple(kept.shape) != tuple(template.shape) or _dtype_kind(kept.dtype) != _dtype_kind(template.dtype):
+            raise ShapeMismatchError(
+                f"source {key!r}: shape {tuple(kept.shape)} {kept.dtype} vs model {tuple(template.shape)} {template.dtype}"
+            )
+        out[key] = kept.detach().to(template.dtype).clone()
+    return out
+
+
 def _atomic_save_safetensors(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """Write to a temporary file beside `path`, then rename: readers never see a partial file."""
     from safetensors.torch import save_file
@@ -860,12 +891,20 @@ def export_to_torch(
     model_class: str | type,
     model_config: Mapping[str, Any] | None,
     path: str | os.PathLike,
+    *,
+    source: str | os.PathLike | Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Save Flax variables as a .safetensors state_dict that `model_class` loads with strict=True.
 
     `flax_variables` is {"params": ..., "batch_stats": ...} (a bare params tree
     is accepted too). The state_dict is checked by loading it into the torch
     class before anything is written; the write is atomic.
+
+    `source`: the checkpoint the weights were loaded from (a path, or its state_dict).
+    The tensors the twin does not hold (IGNORED_LEAVES: BatchNorm's
+    num_batches_tracked) are copied from it, so load -> export is bit-exact for a
+    trained BatchNorm too; the twins keep BatchNorm frozen, so the source's counters
+    are still the right ones after fine-tuning. Without `source` they are written as 0.
     """
     config = dict(model_config or {})
     cls = resolve_model_class(model_class)
@@ -875,6 +914,8 @@ def export_to_torch(
         variables = {"params": variables}
     torch_model = _build_torch_model(spec, cls, config)
     state_dict = spec.export_fn(torch_model, variables)
+    if source is not None:
+        state_dict = _keep_ignored_leaves(torch_model, state_dict, source)
     torch_model.load_state_dict(state_dict, strict=True, assign=True)
     path = Path(path)
     metadata = {"format": "pt", "model_class": _class_path(cls), "model_config": json.dumps(config, default=str)}

@@ -310,3 +310,64 @@ def test_td_to_jax_literal_slash_key_colliding_with_a_nested_key(literal_first):
     assert set(td_to_jax({"a/b": torch.zeros(3), "a": {"c": torch.ones(3)}})) == {"a/b", "a"}
     with pytest.raises(ValueError, match="'x/instr_mask'"):  # a tokenised entry's mask collides too
         td_to_jax({"x/instr_mask": torch.zeros(1, 4), "x": {"instr": ["go"]}}, tokenizer=_tokenizer())
+
+
+# ----------------------------------------------------------------------------- BatchNorm counters through export
+
+
+@pytest.fixture(scope="module")
+def trained_bn_checkpoint(tmp_path_factory):
+    """A torch VLA whose BatchNorm layers really trained: moved statistics and counters (3 and more)."""
+    torch.manual_seed(3)
+    model = TorchGPTVLA(CONFIG)
+    model.vision.train()
+    with torch.no_grad():
+        for steps, mod in enumerate(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            mod.num_batches_tracked.fill_(2**40 + 17 * steps)  # distinct per layer, beyond float32's exact integers
+        for _ in range(3):  # and a few real training-mode passes on top
+            model.vision(pixel_values=torch.rand(4, 3, CONFIG["image_size"], CONFIG["image_size"]))
+    model.eval()
+    path = tmp_path_factory.mktemp("bn") / "trained_bn.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path, model.state_dict()
+
+
+@pytest.mark.parametrize("as_mapping", [False, True], ids=["path", "state_dict"])
+def test_export_keeps_the_source_batchnorm_counters_bit_exact(trained_bn_checkpoint, tmp_path, as_mapping):
+    from safetensors.torch import load_file
+
+    from bridge import export_to_torch
+
+    path, state = trained_bn_checkpoint
+    counters = [k for k in state if k.endswith("num_batches_tracked")]
+    assert counters and all(int(state[k]) > 2**40 for k in counters)
+    _, variables = load_vla_model(path, CLASS, CONFIG)
+    out = export_to_torch(variables, CLASS, CONFIG, tmp_path / "out.safetensors",
+                          source=state if as_mapping else path)
+    exported = load_file(str(out))
+    assert set(exported) == set(state)
+    for key, tensor in state.items():
+        assert exported[key].dtype == tensor.dtype and torch.equal(exported[key], tensor), key
+    # and a second round trip from the export is exact too
+    _, again = load_vla_model(out, CLASS, CONFIG)
+    export_to_torch(again, CLASS, CONFIG, tmp_path / "again.safetensors", source=out)
+    assert all(torch.equal(load_file(str(tmp_path / "again.safetensors"))[k], v) for k, v in state.items())
+
+
+def test_export_without_source_writes_zero_counters_and_a_wrong_source_is_named(trained_bn_checkpoint, tmp_path):
+    from safetensors.torch import load_file
+
+    from bridge import export_to_torch
+    from bridge.vla_loading import ShapeMismatchError
+
+    path, state = trained_bn_checkpoint
+    _, variables = load_vla_model(path, CLASS, CONFIG)
+    exported = load_file(str(export_to_torch(variables, CLASS, CONFIG, tmp_path / "zero.safetensors")))
+    assert all(int(v) == 0 for k, v in exported.items() if k.endswith("num_batches_tracked"))
+    key = next(k for k in state if k.endswith("num_batches_tracked"))
+    with pytest.raises(ShapeMismatchError, match=rf"source '{key}'"):
+        export_to_torch(variables, CLASS, CONFIG, tmp_path / "bad.safetensors", source={**state, key: torch.zeros(2)})
+    assert not (tmp_path / "bad.safetensors").exists()
+    legacy = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}  # counters absent: 0
+    exported = load_file(str(export_to_torch(variables, CLASS, CONFIG, tmp_path / "legacy.safetensors", source=legacy)))
+    assert int(exported[key]) == 0
