@@ -127,7 +127,9 @@ def group_advantages(outcome: jax.Array, group_size: int, eps: float = ADVANTAGE
 
 def group_filter(success: jax.Array, group_size: int, low: float | jax.Array, high: float | jax.Array) -> jax.Array:
     """[N] bool: the env's group has a success rate in [low, high] (DAPO's dynamic sampling;
-    SimpleVLA-RL keeps 0.1-0.9: groups that all succeed or all fail carry no signal)."""
+    SimpleVLA-RL keeps 0.1-0.9: groups that all succeed or all fail carry no signal). The dropped
+    groups' steps are masked (weight 0), not replaced by fresh draws: shapes stay static, and the
+    minibatches' means are over the kept groups only."""
     rate = success.astype(jnp.float32).reshape(-1, group_size).mean(axis=1)
     keep = jnp.logical_and(rate >= low, rate <= high)
     return jnp.repeat(keep, group_size)
