@@ -239,3 +239,120 @@ def test_resnet_hidden_act_matches_transformers(hidden_act, layer_type):
     want = out.last_hidden_state.permute(0, 2, 3, 1).numpy()
     np.testing.assert_allclose(np.asarray(hidden), want, rtol=0, atol=2e-5)
     np.testing.assert_allclose(np.asarray(pooled), out.pooler_output.flatten(1).numpy(), rtol=0, atol=2e-5)
+
+
+# ----------------------------------------------------------------------------- 9. VLABuffer without overwrite
+
+
+def _steps(first: int, k: int, n: int = 2, chunk: bool = False):
+    """K time-ordered steps [K, N, ...] whose every field encodes the step's id (first + k) * n + env."""
+    from jaxrl_vla.types import Transition
+
+    ids = (first + np.arange(k))[:, None] * n + np.arange(n)[None]
+    return Transition(obs=np.stack([ids, -ids], axis=-1).astype(np.float32), action=ids.astype(np.int32),
+                      log_prob=ids.astype(np.float32), value=ids.astype(np.float32), reward=ids.astype(np.float32),
+                      terminated=np.zeros(ids.shape, bool), truncated=np.zeros(ids.shape, bool),
+                      final_value=np.zeros(ids.shape, np.float32),
+                      chunk_index=(np.arange(k)[:, None] % 2 * np.ones(n, int) if chunk else 0 * ids).astype(np.int32),
+                      policy_version=ids.astype(np.int32))
+
+
+def _buffer(num_steps: int, n: int = 2):
+    from jaxrl_vla.buffer import VLABuffer
+
+    one = jax.tree_util.tree_map(lambda x: x[0], _steps(0, 1, n))
+    return VLABuffer(one, capacity=num_steps * n, example_obs=one.obs, overwrite=False)
+
+
+def _run(target, *args):
+    """`target(*args)` in a daemon thread; (thread, errors) so a test can join it with a timeout."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def body():
+        try:
+            target(*args)
+        except BaseException as err:  # noqa: BLE001
+            errors.append(err)
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    return thread, errors
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("already, k", [(2, 5), (0, 11), (3, 4), (1, 3)])
+def test_add_of_more_rows_than_the_room_left_hands_the_full_buffer_over(already, k):
+    """One writer adds K rows that overflow the room left while one reader takes full buffers: the writer
+    fills what fits, the reader gets the full buffer, the rest follows. Every row once, in order."""
+    T, n = 4, 2
+    buffer = _buffer(T, n)
+    if already:
+        buffer.add(_steps(0, already, n), _steps(already, 1, n).obs[0], timeout=5)
+    total = already + k
+    tail = (-total) % T  # single steps that complete the last buffer
+    final_obs = _steps(total + tail, 1, n).obs[0]
+
+    def write():
+        buffer.add(_steps(already, k, n), _steps(total, 1, n).obs[0], timeout=20)
+        for i in range(tail):
+            buffer.add(jax.tree_util.tree_map(lambda x: x[0], _steps(total + i, 1, n)),
+                       final_obs if i == tail - 1 else _steps(total + i + 1, 1, n).obs[0], timeout=20)
+
+    writer, errors = _run(write)
+    taken = []
+    for _ in range((total + tail) // T):
+        data, next_obs = buffer.take(timeout=20)
+        ids = np.asarray(data.action)
+        assert ids.shape == (T, n)
+        # next_obs is the observation after the newest taken row (the first row of the next step)
+        np.testing.assert_array_equal(np.asarray(next_obs)[:, 0], ids[-1] + n)
+        np.testing.assert_array_equal(np.asarray(data.obs)[..., 0], ids)  # not torn
+        taken.append(ids)
+    writer.join(20)
+    assert not writer.is_alive(), "writer still blocked"
+    assert not errors, errors
+    np.testing.assert_array_equal(np.concatenate(taken).reshape(-1), np.arange((total + tail) * n))
+    assert len(buffer) == 0
+
+
+@pytest.mark.timeout(30)
+def test_add_without_a_reader_times_out_after_writing_what_fits():
+    buffer = _buffer(4)
+    buffer.add(_steps(0, 3), _steps(3, 1).obs[0], timeout=1)
+    with pytest.raises(TimeoutError, match="room in the buffer"):
+        buffer.add(_steps(3, 3), _steps(6, 1).obs[0], timeout=0.3)
+    assert buffer.is_full()
+    data, next_obs = buffer.take(timeout=1)
+    np.testing.assert_array_equal(np.asarray(data.action)[:, 0], [0, 2, 4, 6])
+    np.testing.assert_array_equal(np.asarray(next_obs)[:, 0], [8, 9])  # step 4's obs: the one after step 3
+
+
+@pytest.mark.timeout(30)
+def test_close_wakes_a_writer_waiting_inside_a_split_add():
+    from jaxrl_vla.buffer import BufferClosed
+
+    buffer = _buffer(4)
+    writer, errors = _run(lambda: buffer.add(_steps(0, 6), _steps(6, 1).obs[0], timeout=20))
+    import time
+
+    deadline = time.monotonic() + 10
+    while not buffer.is_full() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert buffer.is_full()
+    buffer.close()
+    writer.join(10)
+    assert not writer.is_alive() and len(errors) == 1 and isinstance(errors[0], BufferClosed)
+
+
+@pytest.mark.timeout(30)
+def test_split_inside_an_action_chunk_is_refused_before_anything_is_written():
+    """The next_obs of a piece that ends inside an action chunk is unknown (obs there is the chunk's start)."""
+    buffer = _buffer(4)
+    buffer.add(_steps(0, 1), _steps(1, 1).obs[0], timeout=1)
+    with pytest.raises(ValueError, match=r"observation after step 2 is unknown .*step 3 is inside an action chunk"):
+        buffer.add(_steps(1, 4, chunk=True), _steps(5, 1).obs[0], timeout=1)  # room 3: split before row 3
+    assert len(buffer) == 2  # still only the first step (2 envs)
+    buffer.add(_steps(1, 3, chunk=True), _steps(4, 1).obs[0], timeout=1)  # fits whole: no split, no question
+    assert buffer.is_full()

@@ -285,23 +285,64 @@ class VLABuffer:
         """Append one step [N, ...] or K steps [K, N, ...].
 
         Without overwrite, waits while the buffer is full (up to `timeout`
-        seconds, then TimeoutError) and raises BufferClosed once closed.
+        seconds in all, then TimeoutError) and raises BufferClosed once closed.
+        K steps that do not fit the room left are written in pieces: what fits,
+        then (the buffer now full, a reader's `take` can have it) the rest as
+        room appears. Waiting for room for all K at once would deadlock with a
+        `take` that waits for a full buffer. Steps written before a timeout or
+        a close stay written.
         """
         single = _leading_ndim(data) == self._step_ndim
         num_new = 1 if single else jax.tree_util.tree_leaves(data)[0].shape[0]
+        if self.overwrite or single:
+            with self._cond:
+                if not self.overwrite:
+                    self._wait_for(lambda: self._count < self.num_steps, timeout, "room in the buffer")
+                if self._closed:
+                    raise BufferClosed("VLABuffer is closed")
+                self.state = self._add(self.state, data, next_obs) if single else self._add_batch(self.state, data, next_obs)
+                self._count = min(self._count + num_new, self.num_steps)
+                self._cond.notify_all()
+            return
+        self._add_in_pieces(data, num_new, next_obs, timeout)
+
+    def _add_in_pieces(self, data: PyTree, num_new: int, next_obs: PyTree, timeout: float | None) -> None:
+        """Without overwrite: K rows written as room appears, each piece as large as the room left."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        start, ends = 0, None
         with self._cond:
-            if not self.overwrite:
-                if num_new > self.num_steps:
-                    raise ValueError(f"VLABuffer.add: {num_new} steps exceed the {self.num_steps} rows of a buffer without overwrite")
-                self._wait_for(lambda: self._count + num_new <= self.num_steps, timeout, "room in the buffer")
-            if self._closed:
-                raise BufferClosed("VLABuffer is closed")
-            if single:
-                self.state = self._add(self.state, data, next_obs)
-            else:
-                self.state = self._add_batch(self.state, data, next_obs)
-            self._count = min(self._count + num_new, self.num_steps)
-            self._cond.notify_all()
+            while start < num_new:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                self._wait_for(lambda: self._count < self.num_steps, left, "room in the buffer")
+                if ends is None:  # the pieces' ends are known now: a full buffer is only ever emptied whole
+                    first = self.num_steps - self._count
+                    ends = list(range(first, num_new, self.num_steps)) + [num_new]
+                    # the observation after each piece, all checked before the first row is written
+                    nexts = [self._obs_after(data, end) for end in ends[:-1]] + [next_obs]
+                end = min(num_new, start + self.num_steps - self._count)
+                piece = jax.tree_util.tree_map(lambda x, a=start, b=end: x[a:b], data)
+                following = nexts[ends.index(end)] if end in ends else self._obs_after(data, end)
+                self.state = self._add_batch(self.state, piece, following)
+                self._count += end - start
+                start = end
+                self._cond.notify_all()
+
+    def _obs_after(self, data: PyTree, row: int) -> PyTree:
+        """The observation after row `row - 1` of K steps: row `row`'s own `obs` (None if the buffer keeps no
+        next_obs). For rows inside an action chunk `obs` is the chunk's first observation, not that step's, so
+        such a split is refused rather than stored with the wrong next_obs."""
+        if self.state.next_obs is None:
+            return None
+        obs = data.get("obs") if isinstance(data, dict) else getattr(data, "obs", None)
+        chunk_index = data.get("chunk_index") if isinstance(data, dict) else getattr(data, "chunk_index", None)
+        if obs is None or (chunk_index is not None and bool(jnp.any(jnp.asarray(chunk_index)[row] != 0))):
+            raise ValueError(
+                f"VLABuffer.add: the {jax.tree_util.tree_leaves(data)[0].shape[0]} steps do not fit the room left "
+                f"and the observation after step {row - 1} is unknown (it is not step {row}'s obs: "
+                + ("the steps have no obs field)" if obs is None else f"step {row} is inside an action chunk)")
+                + "; add fewer steps at a time"
+            )
+        return jax.tree_util.tree_map(lambda x: x[row], obs)
 
     # ------------------------------------------------------------------ reader
 
