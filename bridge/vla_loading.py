@@ -48,6 +48,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import math
 import os
 import pickle
 import re
@@ -113,6 +114,10 @@ class CorruptCheckpointError(UnsupportedCheckpointError):
 
 class NotACheckpointError(UnsupportedCheckpointError):
     """The file is none of the formats its suffix promises (e.g. random bytes in a .pth)."""
+
+
+class CheckpointReadError(VLALoadingError):
+    """The operating system would not give the checkpoint's bytes (permissions, I/O error)."""
 
 
 class DtypeMismatchError(VLALoadingError):
@@ -506,9 +511,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointNotFoundError(f"checkpoint not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        obj: Any = read_safetensors(path)
+        obj: Any = _readable(read_safetensors, path)
     elif suffix in _PICKLE_SUFFIXES:
-        obj = _torch_load_weights(path)
+        obj = _readable(_torch_load_weights, path)
     else:
         raise UnsupportedCheckpointError(
             f"{path}: unknown checkpoint format {suffix!r}; use .safetensors or one of {_PICKLE_SUFFIXES}"
@@ -590,11 +595,10 @@ def _safetensors_entry(path: Path, key: str, info: Any, data_size: int) -> tuple
         raise CorruptCheckpointError(
             f"{where} lies outside the file (bytes {begin}..{end} of a {data_size}-byte data section: truncated?)"
         )
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if int(np.prod(shape, dtype=np.int64)) * itemsize != end - begin:
+    needed = math.prod(shape) * torch.empty((), dtype=dtype).element_size()  # exact: no int64 overflow
+    if needed != end - begin:
         raise CorruptCheckpointError(
-            f"{where}: shape {shape} of {info['dtype']} needs {int(np.prod(shape, dtype=np.int64)) * itemsize} bytes, "
-            f"but its data_offsets span {end - begin}"
+            f"{where}: shape {shape} of {info['dtype']} needs {needed} bytes, but its data_offsets span {end - begin}"
         )
     return dtype, shape, offsets
 
@@ -602,6 +606,14 @@ def _safetensors_entry(path: Path, key: str, info: Any, data_size: int) -> tuple
 def _is_count(value: Any) -> bool:
     """A non-negative JSON integer (booleans are not sizes)."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _readable(reader: Callable[[Path], Any], path: Path) -> Any:
+    """`reader(path)`, with an operating-system error (permissions, a vanished file, EIO) as one named line."""
+    try:
+        return reader(path)
+    except OSError as err:
+        raise CheckpointReadError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
 
 
 # How a file torch.save wrote begins: a zip archive (torch >= 1.6), or the legacy format's pickled magic
@@ -644,6 +656,8 @@ def _torch_load_weights(path: Path) -> Any:
             f"{path} is not a torch checkpoint: neither a torch.save zip archive nor a pickle of tensors "
             f"(it starts with bytes {head.hex(' ')}; the weights-only reader stopped at: {reason})"
         ) from None
+    except OSError:
+        raise  # the file could not be read at all: read_checkpoint names that
     except Exception as err:  # EOFError, RuntimeError (zip reader), KeyError, ... from a damaged or foreign file
         reason = _first_line(err)
         if kind is not None:

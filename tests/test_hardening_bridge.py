@@ -371,3 +371,30 @@ def test_export_without_source_writes_zero_counters_and_a_wrong_source_is_named(
     legacy = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}  # counters absent: 0
     exported = load_file(str(export_to_torch(variables, CLASS, CONFIG, tmp_path / "legacy.safetensors", source=legacy)))
     assert int(exported[key]) == 0
+
+
+@pytest.mark.skipif(os.geteuid() == 0 if hasattr(os, "geteuid") else True, reason="root reads any file")
+@pytest.mark.parametrize("name", ["locked.pth", "locked.safetensors"])
+def test_unreadable_checkpoint_is_one_line(tmp_path, name):
+    from bridge.vla_loading import CheckpointReadError
+
+    path = tmp_path / name
+    path.write_bytes(b"PK\x03\x04" + bytes(64))
+    path.chmod(0)
+    with pytest.raises(CheckpointReadError, match=f"cannot read checkpoint .*{name}: Permission denied") as err:
+        read_checkpoint(path)
+    _one_line(err)
+
+
+def test_os_errors_while_reading_are_named(tmp_path, monkeypatch):
+    """Whatever the OS refuses (here: an I/O error injected into the reader) ends as one named line."""
+    from bridge import vla_loading
+
+    def failing(path):
+        raise OSError(5, "Input/output error")
+
+    (tmp_path / "disk.safetensors").write_bytes(b"x" * 16)
+    monkeypatch.setattr(vla_loading, "read_safetensors", failing)
+    with pytest.raises(vla_loading.CheckpointReadError, match=r"cannot read checkpoint .*disk\.safetensors: "
+                                                               r"Input/output error"):
+        read_checkpoint(tmp_path / "disk.safetensors")
