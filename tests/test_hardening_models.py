@@ -356,3 +356,16 @@ def test_split_inside_an_action_chunk_is_refused_before_anything_is_written():
     assert len(buffer) == 2  # still only the first step (2 envs)
     buffer.add(_steps(1, 3, chunk=True), _steps(4, 1).obs[0], timeout=1)  # fits whole: no split, no question
     assert buffer.is_full()
+
+
+def test_gpt_vla_runs_without_language_so_its_absence_is_no_error():
+    from jaxrl_vla.models import vla_policy
+
+    class Env:
+        action_space = Box(-1.0, 1.0, (2,))
+        observation_space = {"rgb": Box(0, 255, (32, 32, 3), jnp.uint8), "proprio": Box(-1.0, 1.0, (4,))}
+
+    vla_policy.check_model_inputs(CLASS, dict(TINY), Env())
+    with pytest.raises(ConfigError, match="reads observation 'proprio' \\(proprio_dim=4\\), which the env does not"):
+        vla_policy.check_model_inputs(CLASS, dict(TINY), type("NoProprio", (Env,), {
+            "observation_space": {"rgb": Env.observation_space["rgb"]}})())

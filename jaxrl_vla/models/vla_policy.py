@@ -178,12 +178,14 @@ class InputRequirement:
     `axis` is an axis of the per-sample observation shape (no batch axis) whose size
     must equal `size` (or be at most `size` with `at_most`); `axis=None` means the
     observation holds token ids, which must all be below `size` (a vocabulary).
+    A key is an error to lack only if one of its requirements is `required`.
     """
 
     field: str
     size: int
     axis: int | None = None
     at_most: bool = False
+    required: bool = True  # False: the model also runs without this key (then nothing is checked)
 
 
 InputSpecFn = Callable[[dict], dict[str, tuple[InputRequirement, ...]]]
@@ -209,8 +211,10 @@ def gpt_vla_inputs(model_config: dict) -> dict[str, tuple[InputRequirement, ...]
     cfg = VLAModelConfig.from_dict(model_config)
     image = (InputRequirement("image_size", cfg.image_size, 0), InputRequirement("image_size", cfg.image_size, 1))
     spec = {"rgb": image,
-            "language": (InputRequirement("vocab_size", cfg.vocab_size),
-                         InputRequirement("max_instruction_length", cfg.max_instruction_length, 0, at_most=True))}
+            # without "language" the sequence is just the prefix tokens (gpt_vla.py): optional
+            "language": (InputRequirement("vocab_size", cfg.vocab_size, required=False),
+                         InputRequirement("max_instruction_length", cfg.max_instruction_length, 0, at_most=True,
+                                          required=False))}
     if cfg.use_depth:
         spec["depth"] = image
     if cfg.proprio_dim > 0:
@@ -240,6 +244,8 @@ def check_model_inputs(model_class: str, model_config: dict, env: Any) -> None:
     prefix = "policy.vla_config.model_config"
     for key, requirements in spec.items():
         if key not in space:
+            if not any(r.required for r in requirements):
+                continue
             fields = ", ".join(sorted({f"{r.field}={r.size}" for r in requirements}))
             raise ConfigError(f"{prefix}: the model reads observation {key!r} ({fields}), which the env does not "
                               f"offer (it offers {', '.join(sorted(space))})")
