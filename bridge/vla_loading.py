@@ -939,3 +939,4 @@ def export_to_torch(
 
 # Twins of transformers' decoder language models (Llama, Qwen2, Gemma): rules and registrations.
 import bridge.hf_families  # noqa: E402,F401  (after the names it imports from this module)
+import bridge.hf_siglip  # noqa: E402,F401  (SigLIP vision tower twin)
