@@ -204,7 +204,8 @@ def export_round_trip(run_dir: Path, batch: int = 64) -> dict:
     run = load_run(run_dir)
     vla = run.config["policy"]["vla_config"]
     path = export_to_torch(unwrap_variables(run.params), vla["model_class"], vla["model_config"],
-                           run_dir / "export" / "vl_reach_ppo.safetensors")
+                           run_dir / "export" / "vl_reach_ppo.safetensors",
+                           source=vla.get("model_path"))  # keeps BatchNorm's num_batches_tracked
     model = resolve_model_class(vla["model_class"])(vla["model_config"])
     model.load_state_dict(load_file(path), strict=True)
     model.eval()
