@@ -324,15 +324,23 @@ def build_vla_policy(policy_cfg: dict, env: Any) -> tuple[VLAPolicy, dict, dict 
     if path:
         from pathlib import Path
 
-        if not Path(path).is_file():
+        if Path(path).is_dir():  # a Hugging Face model directory: the architecture comes from its config.json
+            from bridge import hf_dir
+
+            try:
+                model, variables, _ = hf_dir.load_hf_dir(path, param_dtype=master)
+            except ValueError as err:
+                raise ConfigError(f"policy.vla_config.model_path: {err}") from None
+        elif not Path(path).is_file():
             hint = f"; create it with: {vla['make_checkpoint']}" if vla.get("make_checkpoint") else ""
             raise ConfigError(f"policy.vla_config.model_path: {path} does not exist{hint}")
-        import bridge
+        else:
+            import bridge
 
-        try:
-            model, variables = bridge.load_vla_model(path, vla["model_class"], model_config, param_dtype=master)
-        except (ValueError, ImportError) as err:
-            raise ConfigError(f"policy.vla_config: {err}") from None
+            try:
+                model, variables = bridge.load_vla_model(path, vla["model_class"], model_config, param_dtype=master)
+            except (ValueError, ImportError) as err:
+                raise ConfigError(f"policy.vla_config: {err}") from None
     else:
         model, variables = _random_twin(vla["model_class"], model_config)
     if dtype != jnp.float32:
