@@ -471,15 +471,17 @@ def train_bc(model: Any, data: dict[str, Any], labels: dict[str, np.ndarray], ar
     """
     import torch
 
-    from jaxrl_vla.envs.vl_reach import COLOURS, SHAPES
-
     train_rows, val_rows = split_episodes(data["episode_id"], args.val_fraction)
     if detour is not None:
         train_rows = oversampled_rows(train_rows, data["episode_id"], detour, args.detour_weight)
     n = len(train_rows)
     steps_per_epoch = max(1, n // args.batch_size)
     total = steps_per_epoch * args.epochs
-    aux = AuxiliaryHeads(model, len(COLOURS), len(SHAPES)) if args.aux_coef > 0 else None
+    aux = None
+    if args.aux_coef > 0:  # VLReach's privileged scene labels (the Meta-World path turns it off)
+        from jaxrl_vla.envs.vl_reach import COLOURS, SHAPES
+
+        aux = AuxiliaryHeads(model, len(COLOURS), len(SHAPES))
     parameters = list(model.parameters()) + (aux.parameters() if aux else [])
     optimizer = torch.optim.Adam(parameters, lr=args.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - 0.9 * min(s, total) / total)
@@ -685,6 +687,8 @@ def evaluate_checkpoint(path: str | Path, model_config: dict[str, Any], env: Any
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bridge.pretrain_bc", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output .safetensors (a JSON sidecar <out>.json is written too)")
+    parser.add_argument("--env", choices=("vl_reach", "metaworld"), default="vl_reach",
+                        help="VLReach-v0 (default) or Meta-World MT10 (bridge.pretrain_bc_metaworld; its own defaults)")
     parser.add_argument("--demos", help="demo .npz (default: vl_reach_demos.npz beside --out); made when missing")
     parser.add_argument("--episodes", type=int, default=10000, help="expert episodes in the demos (default 10000)")
     parser.add_argument("--noise-std", type=float, default=0.1, help="DART noise of the demos (default 0.1)")
@@ -793,6 +797,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.env == "metaworld":
+        from bridge.pretrain_bc_metaworld import apply_defaults, run as run_env
+        apply_defaults(args, argv)
+    else:
+        run_env = run
     problem = check_args(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
@@ -800,12 +809,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not isinstance(json.loads(args.model_config), dict):
             raise ValueError("--model-config must be a JSON object")
-        info = run(args)
+        info = run_env(args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     summary = f"wrote {args.out} ({info['training']['epochs']} epochs in {info['timing']['train_seconds']} s)"
-    if "eval" in info:
+    if "eval" in info and "per_task" in info["eval"]:
+        e = info["eval"]
+        summary += (f"; deterministic eval, {e['episodes_per_task']} episodes per task: mean success "
+                    f"{e['success_rate']:.1%} (" + ", ".join(f"{k} {v:.0%}" for k, v in e["per_task"].items()) + ")")
+    elif "eval" in info:
         e = info["eval"]
         summary += (f"; deterministic eval over {e['episodes']} episodes: success {e['success_rate']:.1%}, "
                     f"return {e['return_mean']:.3f}")
