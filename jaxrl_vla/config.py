@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,11 @@ class Field:
     check: Callable[[Any], bool] | None = None
     rule: str = ""  # human form of `check`, for messages and docs
     nullable: bool = False
+
+
+def is_safe_run_name(name: str) -> bool:
+    """True for a name that keeps the run directory inside trainer.output_dir (no separators, no '..')."""
+    return bool(name) and "/" not in name and "\\" not in name and ".." not in name and name.strip() == name and "\0" not in name
 
 
 def _pos(x: Any) -> bool:
@@ -74,7 +80,7 @@ SCHEMA: dict[str, Any] = {
         "eval_freq": Field(int, 10, "evaluate every this many iterations (and at the end); 0 disables", _nonneg, ">= 0"),
         "num_eval_episodes": Field(int, 10, "episodes per evaluation (deterministic actions)", _pos, "> 0"),
         "save_freq": Field(int, 50, "checkpoint every this many iterations (and always at the end); 0: only at the end", _nonneg, ">= 0"),
-        "exp_name": Field(str, "run", "run directory name prefix: OUTPUT_DIR/EXP_NAME-YYYYmmdd-HHMMSS"),
+        "exp_name": Field(str, "run", "run directory name prefix: OUTPUT_DIR/EXP_NAME-YYYYmmdd-HHMMSS", lambda v: is_safe_run_name(v), "a plain name: no path separators or '..', not empty"),
         "output_dir": Field(str, "runs", "parent directory of run directories"),
         "normalize_observations": Field(bool, False, "normalise float observations by running mean/std kept in the checkpointed state"),
         "num_collectors": Field(int, 1, "vla mode: collector threads, each with its own envs", _pos, "> 0"),
@@ -184,17 +190,44 @@ def _strip_json_comments(text: str) -> str:
     return "".join(out)
 
 
+def _unique_json_object(pairs: list[tuple[str, Any]]) -> dict:
+    """json object hook: a key given twice is an error (json keeps the later one silently)."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise ConfigError(f"key {key!r} appears twice in one object")
+        out[key] = value
+    return out
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping key given twice (PyYAML keeps the later one silently)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} appears twice in one mapping")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_config_file(path: str | Path) -> dict:
     """Parse a JSON (with comments) or YAML file; errors name the file and line."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start})") from None
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_UniqueKeyLoader)
         else:
-            data = json.loads(_strip_json_comments(text))
+            data = json.loads(_strip_json_comments(text), object_pairs_hook=_unique_json_object)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
     except json.JSONDecodeError as err:
@@ -222,6 +255,29 @@ def _type_name(kind: type | tuple[type, ...]) -> str:
     return " or ".join(dict.fromkeys(names.get(k, k.__name__) for k in kinds))
 
 
+def _non_finite_or_bool_item(value: Any) -> str | None:
+    """A description of the first NaN/Infinity number (anywhere) or boolean list item in `value`, or None.
+
+    JSON admits NaN and Infinity, and Python's bool is an int: neither is ever a valid setting of a
+    number field (a NaN learning rate or log-std trains to null losses and exits 0), nor is `true` a
+    layer width."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            if isinstance(item, bool):
+                return f"the list item {json.dumps(item)} (true/false is not a number)"
+            found = _non_finite_or_bool_item(item)
+            if found:
+                return found
+    if isinstance(value, dict):
+        for item in value.values():
+            found = _non_finite_or_bool_item(item)
+            if found:
+                return found
+    return None
+
+
 def _check_value(path: str, spec: Field, value: Any) -> Any:
     if value is None:
         if spec.nullable or spec.default is None:
@@ -231,6 +287,9 @@ def _check_value(path: str, spec: Field, value: Any) -> Any:
     ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
     if not ok:
         raise ConfigError(f"{path}: expected {_type_name(spec.kind)}, got {json.dumps(value)}")
+    bad = _non_finite_or_bool_item(value)
+    if bad:
+        raise ConfigError(f"{path}: {bad} is not allowed; numbers must be finite")
     if spec.check is not None and not spec.check(value):
         raise ConfigError(f"{path}: {json.dumps(value)} is out of range; must be {spec.rule}")
     return value

@@ -66,7 +66,14 @@ IterationReport = tuple[dict, EpisodeStats]
 
 
 def new_run_dir(output_dir: str | Path, exp_name: str) -> Path:
-    """A fresh directory `output_dir/exp_name-YYYYmmdd-HHMMSS[-k]`; never reuses one."""
+    """A fresh directory `output_dir/exp_name-YYYYmmdd-HHMMSS[-k]`; never reuses one.
+
+    The name is refused if it has a path separator or '..': the run must lie inside output_dir."""
+    from jaxrl_vla.config import is_safe_run_name
+
+    if not is_safe_run_name(exp_name):
+        raise ValueError(f"exp_name {exp_name!r}: must be a plain name (no path separators or '..') so the run "
+                         f"directory stays inside {output_dir}")
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path(output_dir) / f"{exp_name}-{stamp}"
     candidate, k = base, 1

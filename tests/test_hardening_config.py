@@ -1,0 +1,83 @@
+"""Config hardening: names that would leave the output directory, non-finite numbers, booleans as
+numbers, duplicate keys and non-UTF-8 files are each one clear error naming the field, key or file."""
+
+import subprocess
+import sys
+
+import pytest
+
+from jaxrl_vla.config import ConfigError, is_safe_run_name, load_config, read_config_file
+from jaxrl_vla.training.trainer import new_run_dir
+
+
+def run_cli(args, cwd):
+    return subprocess.run([sys.executable, "-m", "jaxrl_vla.train", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=120)
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "..", "a\\b", "", " lead"])
+def test_unsafe_exp_names_are_refused(name):
+    assert not is_safe_run_name(name)
+    with pytest.raises(ConfigError, match="trainer.exp_name"):
+        load_config(overrides=[f"trainer.exp_name={name!r}".replace("'", '"')])
+
+
+def test_plain_exp_names_pass():
+    for name in ("run", "cartpole_ppo-2", "a.b"):
+        assert is_safe_run_name(name)
+        assert load_config(overrides=[f'trainer.exp_name="{name}"'])["trainer"]["exp_name"] == name
+
+
+def test_python_api_run_dir_stays_inside_output_dir(tmp_path):
+    with pytest.raises(ValueError, match="plain name"):
+        new_run_dir(tmp_path / "runs", "../escape")
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "runs").exists()
+    run = new_run_dir(tmp_path / "runs", "ok")
+    assert run.parent == tmp_path / "runs"
+
+
+@pytest.mark.parametrize("override,field", [
+    ("policy.log_std_init=NaN", "policy.log_std_init"),
+    ("algorithm.cfg.learning_rate=Infinity", "algorithm.cfg.learning_rate"),
+    ("algorithm.cfg.clip_eps=-Infinity", "algorithm.cfg.clip_eps"),
+    ("policy.hidden_sizes=[true, true]", "policy.hidden_sizes"),
+    ("policy.hidden_sizes=[64, NaN]", "policy.hidden_sizes"),
+])
+def test_non_finite_numbers_and_booleans_are_refused(override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(overrides=[override])
+
+
+def test_duplicate_json_key_is_named(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"trainer": {"num_envs": 4, "num_envs": 8}}')
+    with pytest.raises(ConfigError, match="c.json: key 'num_envs' appears twice"):
+        read_config_file(path)
+
+
+def test_duplicate_yaml_key_is_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("trainer:\n  seed: 1\n  seed: 2\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: line 3: key 'seed' appears twice"):
+        read_config_file(path)
+
+
+def test_non_utf8_config_names_file_and_offset(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_bytes(b'{"trainer": {"exp_name": "caf\xe9"}}')
+    with pytest.raises(ConfigError, match=r"c.json: not UTF-8 text \(byte 0xe9 at offset 29\)"):
+        read_config_file(path)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--set", 'trainer.exp_name="../../x"'], "trainer.exp_name"),
+    (["--set", "policy.log_std_init=NaN"], "policy.log_std_init: NaN is not allowed"),
+    (["--set", "policy.hidden_sizes=[true,true]"], "policy.hidden_sizes"),
+])
+def test_cli_exits_2_and_writes_nothing(tmp_path, args, message):
+    work = tmp_path / "work"
+    work.mkdir()
+    out = run_cli([*args, "--output-dir", str(work / "runs")], cwd=work)
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert list(tmp_path.iterdir()) == [work] and list(work.iterdir()) == []
