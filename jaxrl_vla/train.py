@@ -99,7 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    trainer.train(total_timesteps=args.total_timesteps, resume=args.resume)
+    from jaxrl_vla.training.trainer import TrainingDiverged
+
+    try:
+        trainer.train(total_timesteps=args.total_timesteps, resume=args.resume)
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     return 130 if getattr(trainer, "interrupted", False) else 0
 
 

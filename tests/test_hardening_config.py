@@ -81,3 +81,24 @@ def test_cli_exits_2_and_writes_nothing(tmp_path, args, message):
     assert out.returncode == 2, out.stderr
     assert message in out.stderr and "Traceback" not in out.stderr
     assert list(tmp_path.iterdir()) == [work] and list(work.iterdir()) == []
+
+
+def test_a_run_whose_losses_become_non_finite_stops_with_exit_3(tmp_path):
+    """A learning rate of 1e30 makes the first update's statistics NaN: the run stops naming the iteration and
+    the metric, logs no NaN record and saves no NaN checkpoint (instead of 'succeeding' with null losses)."""
+    out = run_cli(["--set", "algorithm.cfg.learning_rate=1e30", "--set", "trainer.iterations=4",
+                   "--set", "trainer.save_freq=1", "--no-progress", "--output-dir", str(tmp_path / "runs")],
+                  cwd=tmp_path)
+    assert out.returncode == 3, out.stderr
+    assert "iteration 1: " in out.stderr and "(non-finite); training stopped" in out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    assert (run / "metrics.jsonl").read_text().strip() == ""
+    assert not any(p for p in (run / "checkpoints").iterdir() if not p.name.startswith("."))
+
+
+def test_first_non_finite_metric_names_iteration_and_key():
+    from jaxrl_vla.training.trainer import first_non_finite_metric
+
+    reports = [{"loss": 1.0, "global_step": 8}, {"loss": 0.5, "kl": float("inf")}, {"loss": float("nan")}]
+    assert first_non_finite_metric(5, reports) == (6, "kl", float("inf"))
+    assert first_non_finite_metric(5, reports[:1]) is None

@@ -65,6 +65,25 @@ CALL_TARGET_SECONDS = 0.25
 IterationReport = tuple[dict, EpisodeStats]
 
 
+class TrainingDiverged(RuntimeError):
+    """The learner's losses or statistics became NaN/inf: the run stops instead of training on to the end."""
+
+
+def first_non_finite_metric(first_iteration: int, metrics: list[dict]) -> tuple[int, str, float] | None:
+    """(iteration, metric name, value) of the first non-finite learner metric in a call's reports, or None.
+
+    Only the learner's metrics are checked (losses, KL, grad norms ...): they are finite on every healthy
+    iteration, whereas episode statistics may be legitimately absent."""
+    for offset, record in enumerate(metrics):
+        for name, value in record.items():
+            if name == "global_step":
+                continue
+            number = float(value)
+            if not math.isfinite(number):
+                return first_iteration + offset, name, number
+    return None
+
+
 def new_run_dir(output_dir: str | Path, exp_name: str) -> Path:
     """A fresh directory `output_dir/exp_name-YYYYmmdd-HHMMSS[-k]`; never reuses one.
 
@@ -460,6 +479,7 @@ class Trainer:
         else:
             raise ValueError("give total_timesteps or trainer.iterations")
         self._build(total_iterations)
+        self._diverged = False
         self._open_run(Path(resume) if resume else None)
         checkpointer = Checkpointer(self.run_dir)
         init = compiler.jit(self._init_state, out_shardings=self._state_shardings)
@@ -486,8 +506,9 @@ class Trainer:
             if self._pending is not None:  # the loop raised after a prefetch: its state is the newest
                 self.state, self._pending = self._pending[0], None
             jax.block_until_ready(self.state)
-            # unless the loop just saved this iteration (a stop right after a save_freq checkpoint)
-            if checkpointer.latest_iteration() != int(self.state.iteration):
+            # unless the loop just saved this iteration (a stop right after a save_freq checkpoint), or the
+            # state holds non-finite numbers (a diverged run keeps its last good checkpoint as the latest)
+            if not self._diverged and checkpointer.latest_iteration() != int(self.state.iteration):
                 checkpointer.save(int(self.state.iteration), self.state, {"config": self.config})
             checkpointer.close()
             logger.close()
@@ -537,6 +558,16 @@ class Trainer:
             self.state, reports = result
             seconds_per_iteration = (time.perf_counter() - t0) / size
             records = [self._record(done + i + 1, m, e, seconds_per_iteration) for i, (m, e) in enumerate(reports)]
+            diverged = first_non_finite_metric(done + 1, [m for m, _ in reports])
+            if diverged is not None:
+                for record in records[: diverged[0] - done - 1]:  # the good iterations of this call
+                    logger.log(record)
+                self._diverged = True
+                raise TrainingDiverged(
+                    f"iteration {diverged[0]}: {diverged[1]} is {diverged[2]} (non-finite); training stopped. "
+                    f"Nothing past the last good checkpoint was saved: latest is "
+                    f"{checkpointer.latest_iteration() if checkpointer.latest_iteration() is not None else 'none'}"
+                )
             if self._evaluation_due(after, total):  # call_size: only ever the call's last iteration
                 last_eval = self.evaluate()
                 records[-1].update(last_eval)
