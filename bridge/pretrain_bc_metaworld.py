@@ -7,6 +7,11 @@ are `bridge.pretrain_bc`'s; what differs lives here. VLReach's augmentation,
 privileged scene labels and JAX critic calibration do not apply (Meta-World is
 a host env with no symmetric scenes), so this path turns them off; the
 evaluation steps the host env one task at a time and reports success per task.
+
+Measured with the defaults (2026-12-07, 2 shared CPU cores): 200 expert episodes (20 per task, 16,160 steps,
+expert 98%; 186 s), 15 epochs in 333 s (action MSE 0.235 -> 0.012), deterministic success over 10 episodes
+per task 69.0%: reach 50, push 20, pick-place 20, door-open 100, drawer-open 100, drawer-close 90,
+button-press-topdown 90, peg-insert-side 40, window-open 80, window-close 100.
 """
 
 from __future__ import annotations
