@@ -1,6 +1,7 @@
 """`python -m jaxrl_vla.train --config configs/cartpole.json`: the training CLI.
 
 Exit codes: 0 finished, 2 bad configuration or arguments (nothing written),
+3 the learner's metrics became NaN/inf (the last good checkpoint stays the latest),
 130 interrupted by Ctrl-C (after writing a final checkpoint).
 """
 
@@ -27,6 +28,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """The orbax step folders in `directory` that finished writing (orbax writes into
+    `<step>.orbax-checkpoint-tmp-*` and renames to `<step>` only when complete)."""
+    return [p for p in directory.iterdir() if p.is_dir() and p.name.isdigit()]
+
+
+def check_output_dir(output_dir: str | Path) -> None:
+    """ConfigError unless `output_dir` is, or can become, a directory: neither it nor a parent is a file."""
+    path = Path(output_dir)
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                what = "is a file" if candidate == path else f"lies below the file {candidate}"
+                raise ConfigError(f"trainer.output_dir: {path} {what}; give a directory")
+            return
+
+
 def resolve_run_config(args: argparse.Namespace) -> dict:
     overrides = list(args.overrides)
     if args.output_dir:
@@ -40,7 +58,15 @@ def resolve_run_config(args: argparse.Namespace) -> dict:
             raise ConfigError(f"--resume {run_dir}: no config.json there (is it a run directory?)")
         if not (run_dir / "checkpoints").is_dir():
             raise ConfigError(f"--resume {run_dir}: no checkpoints/ directory to resume from")
-        raw = json.loads(saved.read_text())
+        if not complete_checkpoints(run_dir / "checkpoints"):
+            raise ConfigError(f"--resume {run_dir}: no complete checkpoint in checkpoints/ (the run stopped before "
+                              "its first save finished); start a new run instead")
+        try:
+            raw = json.loads(saved.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ConfigError(f"--resume {saved}: not a readable config ({err})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"--resume {saved}: the top level must be an object")
         if args.config:
             raise ConfigError("--resume uses the run's own config.json; drop --config (use --set to change fields)")
         return resolve(apply_overrides(raw, overrides))
@@ -91,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cfg = resolve_run_config(args)
+        check_output_dir(cfg["trainer"]["output_dir"])
         apply_cpu_devices(cfg)
         from jaxrl_vla.build import build_trainer
 

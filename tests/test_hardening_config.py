@@ -102,3 +102,28 @@ def test_first_non_finite_metric_names_iteration_and_key():
     reports = [{"loss": 1.0, "global_step": 8}, {"loss": 0.5, "kl": float("inf")}, {"loss": float("nan")}]
     assert first_non_finite_metric(5, reports) == (6, "kl", float("inf"))
     assert first_non_finite_metric(5, reports[:1]) is None
+
+
+@pytest.mark.parametrize("make,expected", [
+    (lambda d: (d / "f").write_text("x") and d / "f", "is a file"),
+    (lambda d: (d / "f").write_text("x") and d / "f" / "sub", "lies below the file"),
+])
+def test_output_dir_that_is_or_lies_below_a_file_exits_2(tmp_path, make, expected):
+    target = make(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    out = run_cli(["--output-dir", str(target), "--no-progress"], cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert f"trainer.output_dir: {target} {expected}" in out.stderr and "Traceback" not in out.stderr
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_resume_without_a_complete_checkpoint_or_with_a_corrupt_config_exits_2(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "3.orbax-checkpoint-tmp-1").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    out = run_cli(["--resume", str(run)], cwd=tmp_path)
+    assert out.returncode == 2 and "no complete checkpoint" in out.stderr, out.stderr
+    (run / "checkpoints" / "3").mkdir()
+    (run / "config.json").write_bytes(b"{\"trainer\": \xff")
+    out = run_cli(["--resume", str(run)], cwd=tmp_path)
+    assert out.returncode == 2 and "not a readable config" in out.stderr and "Traceback" not in out.stderr, out.stderr
