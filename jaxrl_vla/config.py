@@ -412,15 +412,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise ConfigError(f"--set {text!r}: empty key")
+    # One grammar: VALUE is JSON (1e-4, true, null, [64, 64], {"a": 1}, "text"); anything that is not JSON
+    # is taken as a plain string (CartPole-v1, runs/x). No YAML fallback: YAML 1.1 would turn on/no/yes
+    # into booleans behind the user's back.
     parsed: Any = value
     if value.strip():
-        try:  # JSON first: YAML 1.1 reads "1e-4" as a string
+        try:
             parsed = json.loads(value)
         except json.JSONDecodeError:
-            try:
-                parsed = yaml.safe_load(value)
-            except yaml.YAMLError:
-                parsed = value
+            parsed = value
     return parts, parsed
 
 
@@ -433,7 +433,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         for i, part in enumerate(parts[:-1]):
             nxt = node.setdefault(part, {})
             if not isinstance(nxt, dict):
-                raise ConfigError(f"--set {text!r}: {'.'.join(parts[: i + 1])} is not an object")
+                # name the config's own field: the override may be one the CLI added (--no-progress, --output-dir)
+                raise ConfigError(f"{'.'.join(parts[: i + 1])}: expected an object, got {json.dumps(nxt)} "
+                                  f"(while setting {'.'.join(parts)})")
             node = nxt
         node[parts[-1]] = value
     return raw

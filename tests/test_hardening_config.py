@@ -127,3 +127,23 @@ def test_resume_without_a_complete_checkpoint_or_with_a_corrupt_config_exits_2(t
     (run / "config.json").write_bytes(b"{\"trainer\": \xff")
     out = run_cli(["--resume", str(run)], cwd=tmp_path)
     assert out.returncode == 2 and "not a readable config" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_set_values_follow_one_grammar_json_or_plain_string():
+    from jaxrl_vla.config import parse_override
+
+    assert parse_override("a.b=on") == (["a", "b"], "on")
+    assert parse_override("a=no") == (["a"], "no")
+    assert parse_override("a=true") == (["a"], True)
+    assert parse_override("a=[64, 64]") == (["a"], [64, 64])
+    assert parse_override("a=[x, y]") == (["a"], "[x, y]")  # not JSON: a string, never YAML's list
+    with pytest.raises(ConfigError, match="trainer.progress: expected true/false"):
+        load_config(overrides=["trainer.progress=on"])
+
+
+def test_a_section_that_is_not_an_object_is_named_not_the_cli_flag(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"trainer": []}')
+    out = run_cli(["--config", str(path), "--no-progress"], cwd=tmp_path)
+    assert out.returncode == 2
+    assert "trainer: expected an object, got []" in out.stderr and "--set" not in out.stderr, out.stderr
