@@ -147,3 +147,10 @@ def test_a_section_that_is_not_an_object_is_named_not_the_cli_flag(tmp_path):
     out = run_cli(["--config", str(path), "--no-progress"], cwd=tmp_path)
     assert out.returncode == 2
     assert "trainer: expected an object, got []" in out.stderr and "--set" not in out.stderr, out.stderr
+
+
+def test_total_timesteps_prints_the_steps_that_will_run(tmp_path):
+    out = run_cli(["--total-timesteps", "1500", "--no-progress", "--output-dir", str(tmp_path / "runs")], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    text = " ".join((out.stdout + out.stderr).split())
+    assert "total timesteps 1,500: 2 iterations = 2,048 env steps (rounded up to whole iterations of 1,024)" in text

@@ -494,6 +494,10 @@ class Trainer:
         start = int(state.iteration)
         logger = RunLogger(self.run_dir, total_iterations, start, progress=self.progress)
         logger.console.print(self.describe(total_iterations))
+        if total_timesteps is not None:
+            steps = total_iterations * self.samples_per_iteration
+            rounded = "" if steps == int(total_timesteps) else f" (rounded up to whole iterations of {self.samples_per_iteration:,})"
+            logger.console.print(f"total timesteps {int(total_timesteps):,}: {total_iterations} iterations = {steps:,} env steps{rounded}")
         previous_handler = self._install_sigint()
         interrupted = False
         try:
