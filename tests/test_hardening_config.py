@@ -1,6 +1,7 @@
 """Config hardening: names that would leave the output directory, non-finite numbers, booleans as
 numbers, duplicate keys and non-UTF-8 files are each one clear error naming the field, key or file."""
 
+import json
 import subprocess
 import sys
 
@@ -154,3 +155,36 @@ def test_total_timesteps_prints_the_steps_that_will_run(tmp_path):
     assert out.returncode == 0, out.stderr
     text = " ".join((out.stdout + out.stderr).split())
     assert "total timesteps 1,500: 2 iterations = 2,048 env steps (rounded up to whole iterations of 1,024)" in text
+
+
+def test_truncate_metrics_after_drops_later_and_torn_records(tmp_path):
+    from jaxrl_vla.training.logging import truncate_metrics_after
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(f'{{"iteration": {i}}}\n' for i in range(1, 6)) + '{"iteration": 6, "lo')
+    truncate_metrics_after(path, 3)
+    assert [json.loads(x)["iteration"] for x in path.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_resume_after_a_kill_logs_each_iteration_once(tmp_path):
+    """A run killed after checkpoint 2 had logged iterations 3-4: the resumed run (from 2) rewrites them."""
+    import shutil
+
+    from jaxrl_vla import Trainer
+    from jaxrl_vla.algo import PPOConfig
+    from jaxrl_vla.envs import make_env
+    from jaxrl_vla.models.actor_critic import ActorCritic
+
+    def trainer(iterations):
+        env = make_env("CartPole-v1")
+        return Trainer(ActorCritic(env.action_space, (16,)), env, PPOConfig(n_epochs=1, batch_size=128),
+                       buffer_size=16, num_envs=8, iterations=iterations, output_dir=tmp_path, exp_name="k",
+                       eval_freq=0, save_freq=2, progress=False, iterations_per_call=1)
+
+    first = trainer(4)
+    first.train()
+    shutil.rmtree(first.run_dir / "checkpoints" / "4")  # as if killed before the final checkpoint
+    resumed = trainer(6)
+    resumed.train(resume=first.run_dir)
+    lines = (first.run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["iteration"] for x in lines] == [1, 2, 3, 4, 5, 6]

@@ -35,6 +35,31 @@ def to_python(value: Any) -> Any:
     return value
 
 
+def truncate_metrics_after(path: Path, iteration: int) -> None:
+    """Drop the records of iterations past `iteration` (the checkpoint a resumed run restarts from).
+
+    A run killed (kill -9) after its last checkpoint logged iterations that the resumed run repeats:
+    without this, metrics.jsonl would hold them twice. A torn last line (killed mid-write) goes too.
+    The rewrite is atomic (temporary file + rename)."""
+    if not path.is_file():
+        return
+    kept, changed = [], False
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+            keep = int(record.get("iteration", 0)) <= iteration and line.endswith("\n")
+        except (json.JSONDecodeError, TypeError, ValueError, AttributeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            changed = True
+    if changed:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+
+
 class RunLogger:
     """Appends one JSON object per iteration to metrics.jsonl, mirrors scalars to
     TensorBoard, and drives a rich progress bar (steps/s, return, iteration).
@@ -54,6 +79,7 @@ class RunLogger:
 
     def __init__(self, run_dir: Path, total_iterations: int, start_iteration: int = 0, progress: bool = True):
         self.run_dir = Path(run_dir)
+        truncate_metrics_after(self.run_dir / "metrics.jsonl", start_iteration)
         self.metrics_file = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
         self.events = EventFile(self.run_dir / "tensorboard")
         # (wall time, record) pairs, then None from close(); SimpleQueue: the cheapest put
