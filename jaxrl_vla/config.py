@@ -76,7 +76,7 @@ SCHEMA: dict[str, Any] = {
         "buffer_type": Field(str, "standard", "'standard': collect a rollout, train, clear; 'vla': a background thread collects into a circular buffer while the learner trains", *_BUFFER_TYPE),
         "iterations": Field(int, 500, "training iterations (one rollout + one PPO update each); --total-timesteps overrides", _pos, "> 0"),
         "num_envs": Field(int, 8, "parallel environments", _pos, "> 0"),
-        "seed": Field(int, 0, "seed of every random number in the run", _nonneg, ">= 0"),
+        "seed": Field(int, 0, "seed of every random number in the run", lambda x: 0 <= x < 2**32, ">= 0 and < 2**32 (what jax.random.PRNGKey takes)"),
         "eval_freq": Field(int, 10, "evaluate every this many iterations (and at the end); 0 disables", _nonneg, ">= 0"),
         "num_eval_episodes": Field(int, 10, "episodes per evaluation (deterministic actions)", _pos, "> 0"),
         "save_freq": Field(int, 50, "checkpoint every this many iterations (and always at the end); 0: only at the end", _nonneg, ">= 0"),

@@ -188,3 +188,10 @@ def test_resume_after_a_kill_logs_each_iteration_once(tmp_path):
     resumed.train(resume=first.run_dir)
     lines = (first.run_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["iteration"] for x in lines] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("seed", [2**32, 2**64, -1])
+def test_seed_outside_what_prngkey_takes_is_a_config_error(seed):
+    with pytest.raises(ConfigError, match=r"trainer.seed: .* out of range"):
+        load_config(overrides=[f"trainer.seed={seed}"])
+    assert load_config(overrides=[f"trainer.seed={2**32 - 1}"])["trainer"]["seed"] == 2**32 - 1
