@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import typing
 from typing import Any
 
 from jaxrl_vla.algo.ppo import PPOConfig
@@ -31,6 +32,60 @@ def _check_kwargs(factory: Any, kwargs: dict, where: str) -> None:
             raise ConfigError(f"{where}.{key}: unknown key{hint}")
 
 
+_TYPE_WORDS = {bool: "true/false", int: "an integer", float: "a number", str: "text", tuple: "a list", list: "a list"}
+
+
+def _accepts(expected: Any, value: Any) -> bool | None:
+    """Whether `value` fits the annotation `expected` (None: the annotation is not one we can judge)."""
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        verdicts = [_accepts(arg, value) for arg in typing.get_args(expected)]
+        return None if None in verdicts else any(verdicts)
+    if expected is type(None):
+        return value is None
+    expected = origin or expected
+    if expected is bool:
+        return isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is str:
+        return isinstance(value, str)
+    if expected in (tuple, list):
+        return isinstance(value, (tuple, list))
+    return None
+
+
+def _check_kwarg_types(factory: Any, kwargs: dict, where: str) -> None:
+    """Refuse a constructor argument of the wrong type by its key, before the env trips over it.
+
+    A string where an integer belongs otherwise surfaces as "'<=' not supported between
+    int and str" from deep inside the env. The expected type is the parameter's annotation,
+    or the type of its default where the annotation cannot be resolved.
+    """
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    try:
+        hints = typing.get_type_hints(target)
+        params = inspect.signature(factory).parameters
+    except Exception:  # an annotation naming something unimportable: judge by defaults only
+        hints, params = {}, inspect.signature(factory).parameters
+    for key, value in kwargs.items():
+        param = params.get(key)
+        if param is None:
+            continue
+        expected = hints.get(key)
+        if expected is None and param.default not in (inspect.Parameter.empty, None):
+            expected = type(param.default)
+        if expected is None or _accepts(expected, value) is not False:
+            continue
+        wanted = _TYPE_WORDS.get(typing.get_origin(expected) or expected)
+        wanted = wanted or " or ".join(
+            _TYPE_WORDS.get(typing.get_origin(a) or a, "null" if a is type(None) else str(a)) for a in typing.get_args(expected)
+        )
+        raise ConfigError(f"{where}.{key}: expected {wanted}, got {value!r}")
+
+
 def env_kwargs(env_cfg: dict) -> dict:
     return {k: v for k, v in env_cfg.items() if k not in ("name", "type")}
 
@@ -49,6 +104,7 @@ def build_env(env_cfg: dict) -> Any:
         from jaxrl_vla.envs.metaworld import MetaWorldEnv
 
         _check_kwargs(MetaWorldEnv, kwargs, "env")
+        _check_kwarg_types(MetaWorldEnv, kwargs, "env")
         try:
             return MetaWorldEnv(name.removeprefix("metaworld:"), **kwargs)
         except ValueError as err:
@@ -58,13 +114,17 @@ def build_env(env_cfg: dict) -> Any:
 
         return make_torch_env(name, kind, **kwargs)
     if name.startswith(envs.GYMNAX_PREFIX):
-        return envs.make_env(name, **kwargs)
+        try:
+            return envs.make_env(name, **kwargs)
+        except ImportError:
+            raise ConfigError(f"env.name: {name!r} needs gymnax, which is not installed: pip install -e '.[gymnax]'") from None
     if name not in envs.available_envs():
         close = difflib.get_close_matches(name, envs.available_envs(), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(envs.available_envs())}"
         raise ConfigError(f"env.name: unknown env {name!r}{hint}")
     factory = envs._resolve(envs._REGISTRY[name])
     _check_kwargs(factory, kwargs, "env")
+    _check_kwarg_types(factory, kwargs, "env")
     try:
         return factory(**kwargs)
     except (TypeError, ValueError) as err:
@@ -166,7 +226,8 @@ def build_demonstrations(algo_cfg: dict, env: Any, chunk: int, make_checkpoint: 
     try:
         demos = as_demonstrations(load_demos(path), env, chunk)
     except (ValueError, KeyError, OSError) as err:
-        raise ConfigError(f"algorithm.demo_path: {path}: {err}") from None
+        message = str(err) if str(err).startswith(str(path)) else f"{path}: {err}"
+        raise ConfigError(f"algorithm.demo_path: {message}") from None
     if augment is None:  # the augmentation's labels would only travel to the device unread
         return demos.replace(augment_labels=None)
     missing = [key for key in env.demo_augment_label_keys if key not in (demos.augment_labels or {})]
@@ -192,7 +253,10 @@ def build_trainer(cfg: dict) -> Any:
 
 
 def _build_trainer(cfg: dict) -> Any:
+    from jaxrl_vla.training.memory import check_arrays_fit
+
     env = build_env(cfg["env"])
+    check_arrays_fit(env, cfg["trainer"])
     algorithm = build_algorithm(cfg["algorithm"])
     policy, params, mask = build_policy(cfg["policy"], env)
     kwargs = trainer_kwargs(cfg)

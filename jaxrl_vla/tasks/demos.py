@@ -58,6 +58,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import zipfile
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -240,11 +241,35 @@ def save_demos(path: str | Path, arrays: dict[str, np.ndarray], env_id: str, env
     return path
 
 
+def _read_demo_archive(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an .npz archive, or ValueError saying what the file is not.
+
+    numpy's own errors would call random bytes "pickled (object) data" and suggest
+    `allow_pickle`, which a demo file never needs and an untrusted one must never get.
+    """
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not a demo file (not an .npz archive; make one with python -m jaxrl_vla.tasks.demos)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            out = {}
+            for key in data.files:
+                try:
+                    out[key] = data[key]
+                except ValueError:
+                    raise ValueError(f"{path}: not a demo file (entry {key!r} holds Python objects, "
+                                     "which demo files never contain)") from None
+            return out
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise ValueError(f"{path}: not a readable demo file ({err})") from None
+
+
 def load_demos(path: str | Path) -> dict[str, Any]:
     """Arrays of a demo file, with env_kwargs as a dict, vocab as a list and scalars as Python values."""
-    with np.load(path, allow_pickle=False) as data:
-        out: dict[str, Any] = {key: data[key] for key in data.files}
-    version = int(out.get("format_version", -1))
+    out = _read_demo_archive(Path(path))
+    if "format_version" not in out:
+        raise ValueError(f"{path}: not a demo file (an .npz archive without the 'format_version' entry that "
+                         "jaxrl_vla.tasks.demos writes)")
+    version = int(out["format_version"])
     if version != FORMAT_VERSION:
         raise ValueError(f"{path}: demo format_version {version}, this reader expects {FORMAT_VERSION}")
     out["env_id"] = str(out["env_id"])
