@@ -77,11 +77,14 @@ class RunLogger:
     LINGER_SECS = 0.05  # a wake-up waits this long for more records (close ends the wait)
     TB_FLUSH_SECS = 2.0  # the event file is flushed at most this often, and on close
 
-    def __init__(self, run_dir: Path, total_iterations: int, start_iteration: int = 0, progress: bool = True):
+    def __init__(self, run_dir: Path, total_iterations: int, start_iteration: int = 0, progress: bool = True,
+                 start_step: int | None = None):
         self.run_dir = Path(run_dir)
         truncate_metrics_after(self.run_dir / "metrics.jsonl", start_iteration)
         self.metrics_file = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
-        self.events = EventFile(self.run_dir / "tensorboard")
+        # a resumed run hides what an earlier process logged past the checkpoint (after a kill -9)
+        purge_step = None if not start_iteration or start_step is None else int(start_step) + 1
+        self.events = EventFile(self.run_dir / "tensorboard", purge_step=purge_step)
         # (wall time, record) pairs, then None from close(); SimpleQueue: the cheapest put
         self._records: queue.SimpleQueue = queue.SimpleQueue()
         self._closing = threading.Event()
@@ -212,7 +215,10 @@ class EventFile:
     `crc32c` package (a dependency for that reason).
     """
 
-    def __init__(self, logdir: Path):
+    def __init__(self, logdir: Path, purge_step: int | None = None):
+        """`purge_step`: TensorBoard drops the events of earlier files from this step on (what a
+        resumed run logs again), as tensorboardX's `SummaryWriter(purge_step=)` does: a
+        SessionLog START event at that step."""
         Summary, Event, self._masked_crc = _tensorboardx_protos()
         self._Summary, self._Value, self._Event = Summary, Summary.Value, Event
         logdir = Path(logdir)
@@ -223,6 +229,11 @@ class EventFile:
         self._file = open(self.path, "ab")
         self._tags: dict[str, str] = {}
         self.write([Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString()])
+        if purge_step is not None:
+            from tensorboardX.proto.event_pb2 import SessionLog
+
+            start = Event(wall_time=time.time(), step=int(purge_step), session_log=SessionLog(status=SessionLog.START))
+            self.write([start.SerializeToString()])
         self.flush()
 
     def add_records(self, items: list[tuple[float, dict[str, Any]]]) -> None:
