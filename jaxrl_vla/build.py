@@ -186,6 +186,7 @@ def trainer_kwargs(cfg: dict) -> dict:
         normalize_observations=t["normalize_observations"],
         progress=t["progress"],
         iterations_per_call=t["iterations_per_call"],
+        mesh=dict(t["mesh"]),
     )
 
 

@@ -88,6 +88,16 @@ SCHEMA: dict[str, Any] = {
         "progress": Field(bool, True, "show the progress bar"),
         "cpu_devices": Field(int, 0, "CPU only: split the host into this many JAX devices, so the mesh spans the cores (the env batch and every PPO minibatch are split over them; one XLA program per core keeps them busier than one program's threads: the VLA example's iteration 1.14 s -> 0.87 s on 2 cores, while a small MLP's update is too short for the all-reduce between devices: CartPole 3.7 -> 52 ms); must divide num_envs and batch_size; 0: auto, for a vla policy in standard mode with a JAX env the largest count <= the cores that divides both, else 1; 1: off. Takes effect in `python -m jaxrl_vla.train` (before JAX starts); a JAX_NUM_CPU_DEVICES or XLA_FLAGS device count wins; GPU/TPU devices are unaffected", _nonneg, ">= 0"),
         "iterations_per_call": Field(int, 0, "standard mode, JAX-native env: iterations run by one jitted call (a loop over iterations inside jit, which saves the per-call dispatch and sync; metrics.jsonl still gets one record per iteration); must divide eval_freq and save_freq (when > 0) so that no call straddles an evaluation or a checkpoint; 0: auto, each call as many iterations as fill ~0.25 s at the measured iteration time, up to the largest such value <= 32 and <= the run's iterations", _nonneg, ">= 0"),
+        "mesh": {
+            "data": Field(int, 0, "devices along the mesh's 'data' axis (docs/scaling.md); data x fsdp must equal the device count of all processes; 0: all the devices fsdp leaves", _nonneg, ">= 0"),
+            "fsdp": Field(int, 1, "devices along the mesh's 'fsdp' axis: every parameter and its Adam moments of >= 16,384 elements is split along its largest axis that fsdp divides (LoRA adapters and small leaves replicated), so a device holds ~1/fsdp of them; the batch is split over data x fsdp either way; 1: replicated parameters (data parallel)", _pos, "> 0"),
+        },
+        "distributed": {
+            "coordinator": Field(str, None, "several processes (jax.distributed; docs/scaling.md): host:port of process 0's coordinator, the same for every process; null: $JAX_COORDINATOR_ADDRESS, and without it one process", nullable=True),
+            "num_processes": Field(int, None, "processes in the run (null: $JAX_NUM_PROCESSES); each contributes its local devices to one mesh", _pos, "> 0", nullable=True),
+            "process_id": Field(int, None, "this process's index in [0, num_processes) (null: $JAX_PROCESS_ID); only process 0 logs, writes metrics and config.json, every process writes its shards of the checkpoints", _nonneg, ">= 0", nullable=True),
+            "timeout": Field((int, float), 60, "seconds to wait for the coordinator (and every process) before the run fails with a named error", _pos, "> 0"),
+        },
     },
     "algorithm": {
         "name": Field(str, "ppo", "algorithm: 'ppo' (clipped PPO with a critic and GAE) or 'grpo' (critic-free: groups of algorithm.cfg.group_size rollouts from one initial state, each step's advantage its episode's outcome normalised within the group; standard mode with a JAX-native env; trainer.buffer_size is the episode step limit, one episode per env per iteration)", *_one_of("ppo", "grpo")),

@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve_run_config(args)
         check_output_dir(cfg["trainer"]["output_dir"])
         apply_cpu_devices(cfg)
+        from jaxrl_vla.training.distributed import initialize
+
+        initialize(cfg["trainer"]["distributed"])  # several processes: join them before JAX starts
         from jaxrl_vla.build import build_trainer
 
         enable_compilation_cache()

@@ -384,13 +384,17 @@ class AsyncTrainer(Trainer):
             last_value = state_value(apply_fn, state.params, state.obs_stats, next_obs)
             return learn_fn(state, rollout, last_value, demos)
 
+        if jax.process_count() > 1:
+            raise ValueError("trainer.distributed: several processes train in standard mode with a JAX-native env; "
+                             "vla mode's host collectors (and host envs) run in one process for now")
+        template = jax.eval_shape(self._init_state, jax.random.PRNGKey(0), self.init_params)
+        # parameters and optimiser state as trainer.mesh places them (fsdp-sharded or replicated)
+        self._state_shardings = self._shardings(template)
         # no donation: the state's params are the published snapshot collectors act with
-        self._learn = compiler.jit(learn)
+        self._learn = compiler.jit(learn, out_shardings=(self._state_shardings, sharding.replicated(self.mesh)))
         self._act_fn = act
         self._act = compiler.jit(act, static_argnames="deterministic")
         self._value_where = compiler.jit(partial(value_where, apply_fn))
-        template = jax.eval_shape(self._init_state, jax.random.PRNGKey(0), self.init_params)
-        self._state_shardings = jax.tree_util.tree_map(lambda _: sharding.replicated(self.mesh), template)
         if not is_host_env(self.env):  # a JAX-native env: evaluate with the jitted scan
             eval_env = VecEnv(self.env, self.num_eval_episodes)
             max_steps = int(getattr(self.env, "max_episode_steps", 1000))

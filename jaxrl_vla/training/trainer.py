@@ -37,7 +37,7 @@ from jaxrl_vla.envs.base import Discrete, Env
 from jaxrl_vla.envs.wrappers import VecEnv
 from jaxrl_vla.models.policy import action_chunk_size, zeros_like_obs
 from jaxrl_vla.models.vla_policy import auxiliary_loss, frozen_vision_encoder
-from jaxrl_vla.training import compiler, sharding
+from jaxrl_vla.training import compiler, distributed, sharding
 from jaxrl_vla.training.checkpoint import Checkpointer
 from jaxrl_vla.training.learner import TrainState, initial_train_state, make_learn_fn
 from jaxrl_vla.training.logging import RunLogger
@@ -199,6 +199,8 @@ class Trainer:
       iterations_per_call  iterations per jitted call (standard mode with a JAX env); must divide
                     eval_freq and save_freq; 0: auto, calls of ~CALL_TARGET_SECONDS of up to
                     `auto_iterations_per_call` iterations (`adaptive_call_iterations`)
+      mesh          `trainer.mesh` {"data": D, "fsdp": F} over every device (default: all 'data'), or a
+                    ('data', 'fsdp') `jax.sharding.Mesh` (`sharding.make_mesh`): see `training.sharding`
     """
 
     def __init__(
@@ -226,6 +228,7 @@ class Trainer:
         log_fn: Callable[[dict], None] | None = None,
         iterations_per_call: int = 0,
         demos: Demonstrations | None = None,
+        mesh: dict | jax.sharding.Mesh | None = None,
     ):
         if buffer_type not in BUFFER_TYPES:
             raise ValueError(f"trainer.buffer_type must be one of {BUFFER_TYPES}, got {buffer_type!r}")
@@ -273,7 +276,11 @@ class Trainer:
                 f"{type(env).__name__}'s are discrete"
             )
         self.vec_env = VecEnv(env, self.num_envs)
-        self.mesh = sharding.make_mesh()
+        self.mesh = mesh if isinstance(mesh, jax.sharding.Mesh) else sharding.make_mesh(**(mesh or {}))
+        if sharding.fsdp_size(self.mesh) > 1:  # a split that shards nothing is named here, before a run dir exists
+            shapes = init_params if init_params is not None else jax.eval_shape(
+                self.policy.init, jax.random.PRNGKey(0), zeros_like_obs(env.observation_space, 1))
+            sharding.check_shardable(shapes, sharding.fsdp_size(self.mesh))
         self.minibatch_sharding = sharding.minibatch_sharding(self.mesh, self.cfg.batch_size)  # checks batch_size
         self.run_dir: Path | None = None
         self.state: TrainState | None = None
@@ -304,12 +311,19 @@ class Trainer:
         return initial_train_state(params, self.optimizer, stats, key, env_state, obs)
 
     def _shardings(self, state: TrainState) -> TrainState:
-        """Env state and observations split over the mesh by env; the rest (parameters, optimiser state,
-        counters) replicated. By field, not by shape: a parameter whose leading axis happens to equal
-        num_envs (a 2-d action head's bias with 2 envs) is not env-batched."""
+        """Env state and observations split over the mesh by env; parameters, optimiser state and the
+        reference params along 'fsdp' by `sharding.param_shardings` (all replicated with fsdp 1); the rest
+        (normaliser, counters, key) replicated. By field, not by shape: a parameter whose leading axis
+        happens to equal num_envs (a 2-d action head's bias with 2 envs) is not env-batched."""
+        sharding.check_shardable(state.params, sharding.fsdp_size(self.mesh))
         replicated = jax.tree_util.tree_map(lambda _: sharding.replicated(self.mesh), state)
-        return replicated.replace(env_state=sharding.batch_sharded(self.mesh, state.env_state, self.num_envs),
-                                  obs=sharding.batch_sharded(self.mesh, state.obs, self.num_envs))
+        placed = replicated.replace(params=sharding.param_shardings(self.mesh, state.params),
+                                    opt_state=sharding.param_shardings(self.mesh, state.opt_state),
+                                    ref_params=sharding.param_shardings(self.mesh, state.ref_params))
+        if state.env_state is None:  # host envs (the async trainer): nothing env-batched in the state
+            return placed
+        return placed.replace(env_state=sharding.batch_sharded(self.mesh, state.env_state, self.num_envs),
+                              obs=sharding.batch_sharded(self.mesh, state.obs, self.num_envs))
 
     def _rollout_and_learn(self, apply_fn: Callable, obs_encoder: Callable | None) -> tuple[Callable, Callable]:
         """The iteration's pure `rollout(params, obs_stats, env_state, obs, key, version)` and
@@ -417,10 +431,10 @@ class Trainer:
         """Compile the evaluation program on a second thread too: XLA compiles each
         program on one core, so on a 2-core laptop this takes evaluation off the
         time to the first result."""
-        replicated = sharding.replicated(self.mesh)
+        shardings = (self._state_shardings.params, self._state_shardings.obs_stats, sharding.replicated(self.mesh))
         abstract = jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-            (template.params, template.obs_stats, self._eval_key()),
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            (template.params, template.obs_stats, self._eval_key()), shardings,
         )
         self._evaluate_compiled = self._compiler.submit(lambda: self._evaluate.lower(*abstract).compile())
 
@@ -433,8 +447,11 @@ class Trainer:
         if resume is not None:
             self.run_dir = Path(resume)
             return
-        self.run_dir = new_run_dir(self.output_dir, self.exp_name)
-        (self.run_dir / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
+        run_dir = None
+        if distributed.is_primary():  # with several processes, process 0 makes it and tells the others
+            run_dir = new_run_dir(self.output_dir, self.exp_name)
+            (run_dir / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
+        self.run_dir = distributed.agree_on_run_dir(run_dir)
 
     def describe(self, total_iterations: int) -> str:
         """One line saying what an iteration is, so `buffer_size` is never ambiguous."""
@@ -454,7 +471,14 @@ class Trainer:
         if self.mesh.size == 1:
             return ""
         platform = self.mesh.devices.flat[0].platform
-        return f"data-parallel over {self.mesh.size} {platform} devices; "
+        processes = jax.process_count()
+        hosts = f" in {processes} processes" if processes > 1 else ""
+        fsdp = sharding.fsdp_size(self.mesh)
+        if fsdp == 1:
+            return f"data-parallel over {self.mesh.size} {platform} devices{hosts}; "
+        params = sharding.describe_params(self.mesh, self.state.params) if self.state is not None else ""
+        return (f"mesh data {self.mesh.shape[sharding.DATA_AXIS]} x fsdp {fsdp} over {self.mesh.size} {platform} "
+                f"devices{hosts} ({params}); ")
 
     def evaluate(self) -> dict[str, float | None]:
         """Deterministic evaluation over num_eval_episodes first episodes."""
@@ -483,16 +507,20 @@ class Trainer:
         self._open_run(Path(resume) if resume else None)
         checkpointer = Checkpointer(self.run_dir)
         init = compiler.jit(self._init_state, out_shardings=self._state_shardings)
-        # replicated over the mesh: pretrained params arrive committed to one device (the loader's)
-        key, init_params = jax.device_put((jax.random.PRNGKey(self.seed), self.init_params),
-                                          sharding.replicated(self.mesh))
+        # onto the mesh as the state holds them (fsdp-sharded or replicated): pretrained params arrive
+        # committed to one device (the loader's), and a large VLA's must never be replicated whole
+        key = jax.device_put(jax.random.PRNGKey(self.seed), sharding.replicated(self.mesh))
+        init_params = None if self.init_params is None else jax.device_put(self.init_params,
+                                                                           self._state_shardings.params)
         state = init(key, init_params)
         if resume:
             state, _ = checkpointer.restore(state)
         self._device_demos = self._prepare_demos(state.params)
         self.state = state
         start = int(state.iteration)
-        logger = RunLogger(self.run_dir, total_iterations, start, progress=self.progress)
+        # only process 0 prints and writes metrics; every process writes its checkpoint shards
+        logger = (RunLogger(self.run_dir, total_iterations, start, progress=self.progress) if distributed.is_primary()
+                  else distributed.SilentLogger())
         logger.console.print(self.describe(total_iterations))
         if total_timesteps is not None:
             steps = total_iterations * self.samples_per_iteration
@@ -577,7 +605,7 @@ class Trainer:
                 records[-1].update(last_eval)
             for record in records:
                 logger.log(record)
-                if self.log_fn is not None:
+                if self.log_fn is not None and distributed.is_primary():
                     self.log_fn(record)
             if self._checkpoint_due(after, total):
                 checkpointer.save(after, self.state, {"config": self.config})
