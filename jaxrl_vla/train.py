@@ -129,10 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    from jaxrl_vla.training.checkpoint import CheckpointMismatch
     from jaxrl_vla.training.trainer import TrainingDiverged
 
     try:
         trainer.train(total_timesteps=args.total_timesteps, resume=args.resume)
+    except CheckpointMismatch as err:
+        print(f"error: --resume {args.resume}: {err}", file=sys.stderr)
+        return 2
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         return 3

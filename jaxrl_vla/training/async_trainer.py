@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import collections
 import math
+import sys
 import threading
 import time
 import warnings
@@ -79,6 +80,7 @@ from jaxrl_vla.types import Transition
 
 PyTree = Any
 POLL_S = 0.005  # how often the learner looks at the collectors while it waits
+STOP_GRACE_S = 2.0  # on Ctrl-C / request_stop: how long a collector inside an env call is waited for
 
 
 class CollectorError(RuntimeError):
@@ -486,7 +488,16 @@ class AsyncTrainer(Trainer):
         self._collect_stop.set()
         for collector in self.collectors:
             collector.buffer.close()
-        deadline = time.monotonic() + self.env_step_timeout
+        # asked to stop (Ctrl-C): a collector stuck in an env call is abandoned after a short grace, not the
+        # whole env_step_timeout, and the user is told at once what is being waited for
+        grace = min(self.env_step_timeout, STOP_GRACE_S) if self._stop.is_set() else self.env_step_timeout
+        if self._stop.is_set():
+            for collector in self.collectors:
+                hung = collector.hung_for()
+                if hung is not None and collector.thread is not None and collector.thread.is_alive():
+                    print(f"stopping: collector {collector.index} is inside {hung[0]} (for {hung[1]:.1f} s); "
+                          f"waiting up to {grace:.0f} s for it", file=sys.stderr, flush=True)
+        deadline = time.monotonic() + grace
         for collector in self.collectors:
             thread = collector.thread
             if thread is not None:

@@ -21,6 +21,7 @@ import functools
 import json
 import math
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -504,6 +505,7 @@ class Trainer:
             raise ValueError("give total_timesteps or trainer.iterations")
         self._build(total_iterations)
         self._diverged = False
+        self._final_save = False
         self._open_run(Path(resume) if resume else None)
         checkpointer = Checkpointer(self.run_dir)
         init = compiler.jit(self._init_state, out_shardings=self._state_shardings)
@@ -519,7 +521,8 @@ class Trainer:
         self.state = state
         start = int(state.iteration)
         # only process 0 prints and writes metrics; every process writes its checkpoint shards
-        logger = (RunLogger(self.run_dir, total_iterations, start, progress=self.progress) if distributed.is_primary()
+        logger = (RunLogger(self.run_dir, total_iterations, start, progress=self.progress,
+                            start_step=int(state.global_step)) if distributed.is_primary()
                   else distributed.SilentLogger())
         logger.console.print(self.describe(total_iterations))
         if total_timesteps is not None:
@@ -532,6 +535,7 @@ class Trainer:
             self._start_workers(start)
             interrupted = self._loop(start, total_iterations, logger, checkpointer)
         finally:
+            self._final_save = True  # from here on Ctrl-C only prints (see _install_sigint)
             self._stop_workers()
             if getattr(self, "_compiler", None) is not None:
                 self._compiler.shutdown(wait=False)
@@ -544,6 +548,7 @@ class Trainer:
                 checkpointer.save(int(self.state.iteration), self.state, {"config": self.config})
             checkpointer.close()
             logger.close()
+            self._final_save = False
             self._restore_sigint(previous_handler)
         verb = "interrupted at" if interrupted else "finished"
         logger.console.print(
@@ -702,7 +707,10 @@ class Trainer:
             return None
 
         def handler(signum, frame):
-            if self._stop.is_set():  # a second Ctrl-C: give up waiting
+            if getattr(self, "_final_save", False):  # never abort the final checkpoint: that would lose the run
+                print("saving the final checkpoint; it finishes in a moment", file=sys.stderr, flush=True)
+                return
+            if self._stop.is_set():  # a second Ctrl-C: give up waiting (the final checkpoint is still written)
                 raise KeyboardInterrupt
             self._stop.set()
 
