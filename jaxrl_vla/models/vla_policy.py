@@ -27,6 +27,8 @@ import flax.linen as nn
 from flax import traverse_util
 
 from jaxrl_vla.config import ConfigError
+from jaxrl_vla.models.lora_policy import (LoraPolicy, add_adapters, check_modules_to_save, lora_config_from_policy,
+                                          lora_trainable_mask)
 
 MODEL = "model"  # the wrapped model's scope name inside the policy's variables
 AUXILIARY_HEAD = "auxiliary_head"  # the auxiliary head's scope name (policy.auxiliary_target)
@@ -99,8 +101,11 @@ def wrap_variables(model_variables: dict) -> dict:
 
 
 def unwrap_variables(policy_variables: dict) -> dict:
-    """The inverse of `wrap_variables` (what `bridge.export_to_torch` takes); the auxiliary head is left out."""
-    return {collection: tree[MODEL] for collection, tree in policy_variables.items()}
+    """The inverse of `wrap_variables` (what `bridge.export_to_torch` takes); the auxiliary head is left out,
+    LoRA adapters (`policy.lora`) are folded into the kernels they adapt."""
+    from jaxrl_vla.models.lora_policy import merged_variables
+
+    return {collection: tree[MODEL] for collection, tree in merged_variables(policy_variables).items()}
 
 
 def _inner_path(collection_path: str) -> tuple[str, str]:
@@ -352,6 +357,15 @@ def build_vla_policy(policy_cfg: dict, env: Any) -> tuple[VLAPolicy, dict, dict 
         policy, variables = add_auxiliary_head(policy, variables, targets, env)
     prefixes = freeze_prefixes(policy_cfg, model_config)
     _check_prefixes(variables, prefixes, "policy.freeze")
+    lora = lora_config_from_policy(policy_cfg)
+    if lora is not None:  # frozen base + adapters: only the adapters and modules_to_save train
+        if prefixes:
+            raise ConfigError("policy.freeze: with policy.lora the whole base is frozen; name what trains in "
+                              "policy.lora.modules_to_save instead")
+        lora_cfg, modules_to_save = lora
+        check_modules_to_save(variables, modules_to_save)
+        variables = add_adapters(variables, lora_cfg, jax.random.PRNGKey(0x10A))
+        return LoraPolicy(policy, lora_cfg), variables, lora_trainable_mask(variables, modules_to_save)
     return policy, variables, trainable_mask(variables, prefixes)
 
 
