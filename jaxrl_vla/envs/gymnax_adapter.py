@@ -43,6 +43,11 @@ def _import_gymnax() -> Any:
     try:
         import gymnax
     except ImportError as err:
+        missing = getattr(err, "name", None)
+        if missing and missing.split(".")[0] != "gymnax":  # installed, but one of its imports is not
+            raise ImportError(f"gymnax is installed but importing it failed: {err} "
+                              f"(`pip install {missing.split('.')[0]}`; gymnax 1.0.1 imports six "
+                              f"without declaring it)") from err
         raise ImportError(_INSTALL_HINT) from err
     return gymnax
 
@@ -89,14 +94,19 @@ class GymnaxEnv:
         self.params = default_params.replace(**params) if params else default_params
         # gymnax >= 1.0 separates truncation itself; older versions merge it into done.
         self._splits_truncation = hasattr(env, "is_truncated")
+        # Converted once, here: gymnax builds its bounds with jnp ops (CartPole's `-high`), and converting
+        # them to static floats inside a trace (the Trainer initialises the policy inside jit) fails.
+        with jax.ensure_compile_time_eval():
+            self._observation_space = convert_space(env.observation_space(self.params))
+            self._action_space = convert_space(env.action_space(self.params))
 
     @property
     def observation_space(self) -> Any:
-        return convert_space(self.env.observation_space(self.params))
+        return self._observation_space
 
     @property
     def action_space(self) -> Any:
-        return convert_space(self.env.action_space(self.params))
+        return self._action_space
 
     @property
     def max_episode_steps(self) -> int:
