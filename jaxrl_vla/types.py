@@ -27,6 +27,10 @@ class Transition:
     final_value   V(final observation) where truncated, else 0.
     chunk_index   index of `action` within its chunk (0 without chunks).
     policy_version  version of the parameters that acted (async staleness).
+    sample_info   what re-scoring the action needs beyond the action itself, for policies whose
+                  log-prob is not a density of the executed action: a flow-matching head's
+                  denoising chain (`FlowSample`, the same for every step of its chunk). None
+                  (no leaves, no cost) for Gaussian and categorical policies.
     """
 
     obs: PyTree
@@ -39,6 +43,7 @@ class Transition:
     final_value: jax.Array
     chunk_index: jax.Array
     policy_version: jax.Array
+    sample_info: PyTree = None
 
 
 @struct.dataclass
@@ -52,6 +57,7 @@ class Batch:
     advantage: jax.Array
     returns: jax.Array
     chunk_index: jax.Array
+    sample_info: PyTree = None  # Transition.sample_info, flattened alike
 
 
 @struct.dataclass

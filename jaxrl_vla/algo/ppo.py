@@ -122,6 +122,7 @@ def make_batch(rollout: Transition, advantages: jax.Array, returns: jax.Array) -
         advantage=flat(advantages),
         returns=flat(returns),
         chunk_index=flat(rollout.chunk_index),
+        sample_info=jax.tree_util.tree_map(flat, rollout.sample_info),
     )
 
 
@@ -133,15 +134,21 @@ def select_chunk_step(x: jax.Array, chunk_index: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, chunk_index[:, None].astype(jnp.int32), axis=1)[:, 0]
 
 
-def score_actions(apply_fn: ApplyFn, params: Any, obs: Any, action: jax.Array, chunk_index: jax.Array):
+def score_actions(apply_fn: ApplyFn, params: Any, obs: Any, action: jax.Array, chunk_index: jax.Array,
+                  sample_info: Any = None):
     """(log_prob, entropy, value) of the executed actions, each [B].
 
     A policy without chunks returns value [B]. A chunking policy returns value
     [B, H] and a distribution with batch shape [B, H] (one value and one action
     distribution per chunk step, all computed from the chunk's first
-    observation); the executed step `chunk_index` is scored.
+    observation); the executed step `chunk_index` is scored. With `sample_info`
+    (a flow-matching policy's stored denoising chain) the chain is re-scored: its
+    joint log-prob and entropy are the chunk's, shared by every step of it.
     """
     dist, value = apply_fn(params, obs)
+    if sample_info is not None:
+        log_prob, entropy = dist.log_prob_and_entropy(sample_info)
+        return log_prob, entropy, value if value.ndim == 1 else select_chunk_step(value, chunk_index)
     if value.ndim == 1:
         return dist.log_prob(action), dist.entropy(), value
     tiled = jnp.broadcast_to(action[:, None], (action.shape[0], value.shape[1]) + action.shape[1:])
@@ -192,7 +199,8 @@ def ppo_loss(
     demonstrations keep teaching what exploration rarely finds, e.g. a detour the
     clone never makes, while PPO improves everything its rollouts reach.
     """
-    log_prob, entropy, value = score_actions(apply_fn, params, batch.obs, batch.action, batch.chunk_index)
+    log_prob, entropy, value = score_actions(apply_fn, params, batch.obs, batch.action, batch.chunk_index,
+                                             batch.sample_info)
     advantage = batch.advantage
     if cfg.normalize_advantage:
         advantage = (advantage - advantage.mean()) / (advantage.std() + 1e-8)

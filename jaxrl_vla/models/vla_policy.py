@@ -52,8 +52,10 @@ class VLAPolicy(nn.Module):
     def __call__(self, obs: Any):
         dist, value = self.model(obs)  # flax names the submodule "model"
         value = value.reshape(value.shape[0]).astype(jnp.float32)
-        if dist.mean.ndim == 3:  # a chunk [B, H, A]: one value per chunk step
-            value = jnp.broadcast_to(value[:, None], dist.mean.shape[:2])
+        # a chunk [B, H, A] (a Gaussian's mean, or a flow head's chain-sampled chunk): one value per chunk step
+        chunk_shape = dist.mean.shape if hasattr(dist, "mean") else tuple(dist.shape)
+        if len(chunk_shape) == 3:
+            value = jnp.broadcast_to(value[:, None], chunk_shape[:2])
         return dist, value
 
     def auxiliary(self, obs: Any) -> jax.Array:

@@ -17,6 +17,11 @@ from jaxrl_vla.training.normalizer import RunningStats, normalize
 ApplyFn = Callable[[Any, Any], tuple[Any, jax.Array]]
 
 
+def is_chain_policy(dist: Any) -> bool:
+    """Whether `dist` scores stored sampling chains (a flow-matching head) rather than executed actions."""
+    return hasattr(dist, "log_prob_and_entropy") and not hasattr(dist, "mean")
+
+
 def act_chunk(
     apply_fn: ApplyFn,
     params: Any,
@@ -30,7 +35,33 @@ def act_chunk(
 
     `noise` (Gaussian policies): the standard-normal draw to act with instead of
     one from `key` (correlated exploration, `correlated_noise`)."""
+    return act_chunk_with_info(apply_fn, params, obs_stats, obs, key, deterministic, noise)[:3]
+
+
+def act_chunk_with_info(
+    apply_fn: ApplyFn,
+    params: Any,
+    obs_stats: RunningStats | None,
+    obs: Any,
+    key: jax.Array,
+    deterministic: bool = False,
+    noise: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array, Any]:
+    """`act_chunk` plus the sample info the learner re-scores (`Transition.sample_info`; None for
+    Gaussian and categorical policies).
+
+    A flow-matching policy samples its chunk by a denoising chain whose joint
+    log-density is exact, while the executed actions have none of their own: every
+    step of the chunk carries the chain's log-prob, and the chain goes to the
+    learner, which re-scores it under the current parameters (PPO's ratio is then the
+    chunk's, weighted by each step's advantage)."""
     dist, value = apply_fn(params, normalize(obs_stats, obs))
+    if is_chain_policy(dist):
+        if noise is not None:
+            raise ValueError("algorithm.cfg.noise_correlation: a flow-matching policy draws its own noise; use 0")
+        action, log_prob, info = dist.sample(key, deterministic=deterministic)
+        steps = action.shape[1]
+        return action, jnp.broadcast_to(log_prob[:, None], (action.shape[0], steps)), value, info
     if deterministic:
         action = dist.mode()
     elif noise is not None:
@@ -39,8 +70,8 @@ def act_chunk(
         action = dist.sample(key)
     log_prob = dist.log_prob(action)
     if value.ndim == 1:  # no chunks: add H = 1
-        return action[:, None], log_prob[:, None], value[:, None]
-    return action, log_prob, value
+        return action[:, None], log_prob[:, None], value[:, None], None
+    return action, log_prob, value, None
 
 
 def correlated_noise(previous: jax.Array, key: jax.Array, correlation: float) -> jax.Array:

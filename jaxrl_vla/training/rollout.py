@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxrl_vla.envs.wrappers import VecEnv, VecEnvState
-from jaxrl_vla.training.acting import ApplyFn, act_chunk, correlated_noise, state_value, value_where
+from jaxrl_vla.training.acting import (ApplyFn, act_chunk, act_chunk_with_info, correlated_noise, state_value,
+                                       value_where)
 from jaxrl_vla.training.normalizer import RunningStats, normalize
 from jaxrl_vla.types import Transition
 
@@ -82,7 +83,8 @@ def make_rollout_fn(
             chunk_obs = policy_input(env_obs)
             if noise is not None:
                 noise = correlated_noise(noise, chunk_key, noise_correlation)
-            actions, log_probs, values = act_chunk(apply_fn, params, obs_stats, chunk_obs, chunk_key, noise=noise)
+            actions, log_probs, values, sample_info = act_chunk_with_info(apply_fn, params, obs_stats, chunk_obs,
+                                                                          chunk_key, noise=noise)
 
             def env_step(inner, j):
                 env_state, obs = inner
@@ -98,6 +100,7 @@ def make_rollout_fn(
                     final_value=value_where(apply_fn, params, obs_stats, ts.info["final_obs"], ts.truncated),
                     chunk_index=jnp.full(ts.reward.shape, j, jnp.int32),
                     policy_version=jnp.full(ts.reward.shape, version, jnp.int32),
+                    sample_info=sample_info,
                 )
                 return (env_state, ts.obs), (transition, episode_stats(ts.info))
 

@@ -66,6 +66,11 @@ class FlowVLA(nn.Module):
     flow: FlowConfig
     dtype: Any = jnp.float32
 
+    @property
+    def action_chunk(self) -> int:
+        """Actions per inference (the expert's chunk length H): the trainers execute them in order."""
+        return int(self.expert.chunk)
+
     def setup(self) -> None:
         self.lm = DecoderLM(self.decoder, self.dtype)
         self.value_head = nn.Dense(1, dtype=jnp.float32, kernel_init=nn.initializers.normal(0.01))
