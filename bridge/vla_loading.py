@@ -391,6 +391,7 @@ class TwinSpec:
     convert_fn: ConvertFn = torch_to_flax
     export_fn: ExportFn = flax_to_torch
     torch_factory: TorchFactory = lambda cls, cfg: cls(**cfg)
+    value_head: tuple[str, ...] = ()  # torch module prefixes of the critic: optional in a checkpoint for GRPO
 
 
 _REGISTRY: dict[str | type, TwinSpec] = {}
@@ -403,6 +404,7 @@ def register_twin(
     *,
     export_fn: ExportFn | None = None,
     torch_factory: TorchFactory | None = None,
+    value_head: tuple[str, ...] = (),
 ) -> None:
     """Map a torch model class to its Flax twin (see the module docstring for an example).
 
@@ -411,9 +413,12 @@ def register_twin(
     convert_fn(torch_model, state_dict) -> Flax variables; default: the rule table.
     export_fn(torch_model, variables) -> state_dict; default: the rule table inverted.
     torch_factory(cls, model_config) -> torch model; default: `cls(**model_config)`.
+    value_head: the torch module names of the critic (e.g. ("value_fc", "value_out")): a checkpoint
+    without them (a behaviour-cloned policy) still loads for critic-free training (GRPO), the
+    twin's freshly initialised value head in their place.
     Registering the same class again replaces its entry.
     """
-    spec = TwinSpec(flax_factory)
+    spec = TwinSpec(flax_factory, value_head=tuple(value_head))
     spec = dataclasses.replace(
         spec,
         **{k: v for k, v in dict(convert_fn=convert_fn, export_fn=export_fn, torch_factory=torch_factory).items() if v},
@@ -453,7 +458,7 @@ def _gpt_vla_twin(model_config: dict[str, Any]) -> tuple[Any, Any]:
     return GPTVLAModel(cfg), dummy_obs(cfg, batch=1)
 
 
-register_twin("bridge.vla_models.gpt_vla.GPTVLAModel", _gpt_vla_twin)
+register_twin("bridge.vla_models.gpt_vla.GPTVLAModel", _gpt_vla_twin, value_head=("value_fc", "value_out"))
 
 # The seed's configs name the class "vla_models.GPTVLAModel"; used only if no such module exists.
 _CLASS_ALIASES = {"vla_models.GPTVLAModel": "bridge.vla_models.GPTVLAModel"}
@@ -807,6 +812,7 @@ def load_vla_model(
     model_config: Mapping[str, Any] | None = None,
     *,
     param_dtype: Any = None,
+    value_head_optional: bool = False,
 ) -> tuple[Any, Variables]:
     """Load a torch VLA checkpoint as (Flax twin module, Flax variables).
 
@@ -817,22 +823,49 @@ def load_vla_model(
     (e.g. jnp.float32) casts floating leaves; None keeps the checkpoint's dtypes.
     The returned arrays are JAX-owned (not views of torch memory), so a trainer
     may donate them.
+
+    `value_head_optional` (critic-free training, GRPO): a checkpoint that lacks the
+    twin's value head (`register_twin(value_head=...)`) loads, with the twin's own
+    fresh initialisation in its place; all of it or none of it must be there.
     """
     config = dict(model_config or {})
     cls = resolve_model_class(model_class)
     spec = find_twin(cls)
     state_dict = read_checkpoint(model_path)
     torch_model = _build_torch_model(spec, cls, config)
+    absent_head = _absent_value_head(spec, torch_model, state_dict) if value_head_optional else []
+    for key in absent_head:  # placeholders, replaced below by the twin's initialisation
+        template = torch_model.state_dict()[key]
+        state_dict = {**state_dict, key: torch.zeros(template.shape, dtype=template.dtype)}
     state_dict = check_state_dict(torch_model, state_dict)
     check_finite(state_dict, model_path)
     torch_model.load_state_dict(state_dict, strict=True, assign=True)
+    plan = conversion_plan(torch_model)[0] if absent_head else {}
     variables = spec.convert_fn(torch_model, torch_model.state_dict())
     del torch_model, state_dict
     module, example_input = spec.flax_factory(config)
     check_against_twin(variables, _abstract_variables(module, example_input))
+    if absent_head:
+        fresh = module.init(jax.random.PRNGKey(0), example_input)
+        for key in absent_head:
+            target = plan[key]
+            _set_in(variables, (target.collection,) + target.path,
+                    _get_in(fresh, (target.collection,) + target.path))
     leaves, treedef = jax.tree_util.tree_flatten(variables)
     del variables
     return module, jax.tree_util.tree_unflatten(treedef, _owned_leaves(leaves, param_dtype))
+
+
+def _absent_value_head(spec: TwinSpec, torch_model: nn.Module, state_dict: Mapping[str, Any]) -> list[str]:
+    """The value-head keys of `torch_model` that `state_dict` lacks: all of them or none (else a named error)."""
+    if not spec.value_head:
+        return []
+    head = [k for k in torch_model.state_dict() if any(k.startswith(p + ".") for p in spec.value_head)]
+    absent = [k for k in head if k not in state_dict]
+    if absent and len(absent) != len(head):
+        raise MissingKeysError(f"the checkpoint holds part of the value head ({sorted(set(head) - set(absent))}) "
+                               f"but lacks {absent}: give all of it or none")
+    return absent
 
 
 def _owned_leaves(leaves: list, param_dtype: Any) -> list:

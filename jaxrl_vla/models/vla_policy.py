@@ -309,13 +309,14 @@ def master_weight_dtype(policy_cfg: dict) -> Any:
 _MASTER_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.float32}
 
 
-def build_vla_policy(policy_cfg: dict, env: Any) -> tuple[VLAPolicy, dict, dict | None]:
+def build_vla_policy(policy_cfg: dict, env: Any, value_head_optional: bool = False) -> tuple[VLAPolicy, dict, dict | None]:
     """(policy, initial variables, trainable mask) from the seed's `policy` section.
 
     With `vla_config.model_path` the weights come from the torch checkpoint via
     `bridge.load_vla_model`; without it the Flax twin starts from random
     weights (the from-scratch baseline). `policy.dtype` "bfloat16" runs the
     trunks in bf16 while keeping float32 master weights and heads.
+    `value_head_optional` (critic-free GRPO): the checkpoint may lack the value head.
     """
     vla = policy_cfg["vla_config"]
     model_config = dict(vla.get("model_config") or {})
@@ -345,7 +346,8 @@ def build_vla_policy(policy_cfg: dict, env: Any) -> tuple[VLAPolicy, dict, dict 
             import bridge
 
             try:
-                model, variables = bridge.load_vla_model(path, vla["model_class"], model_config, param_dtype=master)
+                model, variables = bridge.load_vla_model(path, vla["model_class"], model_config, param_dtype=master,
+                                                         value_head_optional=value_head_optional)
             except (ValueError, ImportError) as err:
                 raise ConfigError(f"policy.vla_config: {err}") from None
     else:
