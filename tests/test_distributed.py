@@ -176,7 +176,7 @@ def test_two_processes_train_like_one_process_of_four_devices_and_checkpoints_mo
     # one run directory, written by process 0; process 1 prints nothing of its own
     (single_dir,) = (tmp_path / "single").iterdir()
     (pair_dir,) = (tmp_path / "pair").iterdir()
-    assert "mesh data 2 x fsdp 2 over 4 cpu devices in 2 processes" in pair[0].stderr
+    assert "mesh data 2 x fsdp 2 over 4 cpu devices in 2 processes (this one steps 4 envs)" in pair[0].stderr
     assert "finished iteration 2" in pair[0].stderr and "finished iteration 2" not in pair[1].stderr
     records = [json.loads(line) for line in (pair_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records] == [1, 2] and records[-1]["eval/episodes"] == 4

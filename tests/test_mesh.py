@@ -111,6 +111,26 @@ def test_lora_adapters_replicated_while_the_base_is_sharded():
     assert sharding.FSDP_AXIS in tuple(q)
 
 
+def test_lora_policy_variables_keep_adapters_replicated():
+    """policy.lora's layout ({"params": {"model": base, "lora": {"scale", "adapters"}}}, models.lora_policy):
+    rank-64 adapters on 768-wide GPT-2 kernels are 49,152 elements, which the size rule alone would shard."""
+    from jaxrl_vla.models.lora_policy import add_adapters
+    from jaxrl_vla.models.vla.gpt_vla import GPTVLAModel, VLAModelConfig, dummy_obs
+    from jaxrl_vla.models.vla.lora import LoraConfig
+
+    cfg = VLAModelConfig(vision_encoder="tiny", language_model="gpt2", n_layer=1, vocab_size=512, image_size=64)
+    shapes = jax.eval_shape(GPTVLAModel(cfg).init, jax.random.PRNGKey(0), dummy_obs(cfg))
+    model = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+    variables = add_adapters({c: {"model": tree} for c, tree in model.items()},
+                             LoraConfig(rank=64, alpha=8.0, targets=("c_attn", "c_fc")), jax.random.PRNGKey(1))
+    specs = sharding.param_specs(variables, 4)
+    adapters = jax.tree_util.tree_leaves(specs["params"]["lora"], is_leaf=lambda x: isinstance(x, P))
+    assert len(adapters) == 5 and all(s == P() for s in adapters)  # scale + A, B of two kernels
+    assert sharding.fsdp_spec((768, 64), 4) != P()  # what the adapter A would get without the LoRA rule
+    base = specs["params"]["model"]["language"]["h_0"]["attn"]["c_attn"]["kernel"]
+    assert sharding.FSDP_AXIS in tuple(base)
+
+
 # ---------------------------------------------------------------------------- bad input
 
 

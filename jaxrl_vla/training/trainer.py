@@ -474,6 +474,9 @@ class Trainer:
         platform = self.mesh.devices.flat[0].platform
         processes = jax.process_count()
         hosts = f" in {processes} processes" if processes > 1 else ""
+        env_leaves = jax.tree_util.tree_leaves(self.state.obs) if self.state is not None else []
+        if processes > 1 and env_leaves:  # what this process steps: its devices' rows of the env batch
+            hosts += f" (this one steps {sum(s.data.shape[0] for s in env_leaves[0].addressable_shards)} envs)"
         fsdp = sharding.fsdp_size(self.mesh)
         if fsdp == 1:
             return f"data-parallel over {self.mesh.size} {platform} devices{hosts}; "
