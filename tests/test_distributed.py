@@ -178,6 +178,10 @@ def test_two_processes_train_like_one_process_of_four_devices_and_checkpoints_mo
     (pair_dir,) = (tmp_path / "pair").iterdir()
     assert "mesh data 2 x fsdp 2 over 4 cpu devices in 2 processes (this one steps 4 envs)" in pair[0].stderr
     assert "finished iteration 2" in pair[0].stderr and "finished iteration 2" not in pair[1].stderr
+    assert len(list((pair_dir / "tensorboard").iterdir())) == 1  # one writer of events
+    # every process wrote its own shards of the checkpoint (orbax's ocdbt store per process)
+    for pid in (0, 1):
+        assert any((pair_dir / "checkpoints" / "2" / "state" / f"ocdbt.process_{pid}" / "d").iterdir())
     records = [json.loads(line) for line in (pair_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records] == [1, 2] and records[-1]["eval/episodes"] == 4
     reference = [json.loads(line) for line in (single_dir / "metrics.jsonl").read_text().splitlines()]
@@ -187,11 +191,13 @@ def test_two_processes_train_like_one_process_of_four_devices_and_checkpoints_mo
     got, it_got = final_params(pair_dir)
     assert it_ref == it_got == 2
     assert max_diff(ref, got) < 1e-5
-    # across topologies: the 1-process checkpoint resumed on 2 processes, the 2-process one on 1 process
+    # across topologies: the 1-process checkpoint resumed on 2 processes, there as a 1 x 4 mesh (fsdp groups
+    # spanning both processes), and the 2-process one on 1 process
     shutil.copytree(single_dir, tmp_path / "single_to_pair")
     shutil.copytree(pair_dir, tmp_path / "pair_to_single")
     more = ["trainer.iterations=3", "trainer.eval_freq=3"]
-    for pid, proc in enumerate(two_processes(tmp_path, more, resume=tmp_path / "single_to_pair")):
+    for pid, proc in enumerate(two_processes(tmp_path, more + ["trainer.mesh.data=1", "trainer.mesh.fsdp=4"],
+                                             resume=tmp_path / "single_to_pair")):
         assert proc.returncode == 0, (pid, proc.stderr[-3000:])
     back = one_process(tmp_path, more + ["trainer.distributed.coordinator=null", "trainer.distributed.num_processes=null",
                                          "trainer.distributed.process_id=null"], resume=tmp_path / "pair_to_single")

@@ -2,6 +2,11 @@
 statistics, env state, step counters, RNG key) plus the resolved config, with
 orbax. Orbax writes into a temporary directory and renames it when complete,
 so a crash never leaves a half-written checkpoint that `restore` would load.
+
+Checkpoints hold global arrays, whatever mesh wrote them: `restore` reads them into the placement of the
+template (its shardings), so a run written on 4 devices as data 2 x fsdp 2 restores on 1 device, on another
+split or on several processes (docs/scaling.md). With several processes every process calls `save` and
+writes its own shards (orbax's per-process store), the primary process the metadata.
 """
 
 from __future__ import annotations
