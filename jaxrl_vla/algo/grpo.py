@@ -102,6 +102,7 @@ class GRPOBatch:
     weight: jax.Array
     token_log_prob: jax.Array
     ref_log_prob: jax.Array | None = None
+    sample_info: Any = None  # token / flow heads: what re-scoring needs (`Transition.sample_info`)
 
 
 # --------------------------------------------------------------------------- outcomes and groups
@@ -202,10 +203,18 @@ def token_log_probs(dist: Any, action: jax.Array) -> jax.Array:
 
 
 def score_tokens(apply_fn: ppo.ApplyFn, params: Any, obs: Any, action: jax.Array,
-                 chunk_index: jax.Array) -> tuple[jax.Array, jax.Array]:
+                 chunk_index: jax.Array, sample_info: Any = None) -> tuple[jax.Array, jax.Array]:
     """(token log-probs [B, K], entropy [B]) of the executed actions; a chunking policy's executed
-    chunk step is picked as in `ppo.score_actions`. The value output is discarded."""
+    chunk step is picked as in `ppo.score_actions`. The value output is discarded.
+
+    With `sample_info` (a token or flow head's stored sample) the stored sample is re-scored: an
+    action-token head's tokens are GRPO's tokens (K = H x A), a flow head's chain is one (K = 1)."""
     dist, value = apply_fn(params, obs)
+    if sample_info is not None:
+        if hasattr(dist, "token_log_probs_and_entropy"):
+            return dist.token_log_probs_and_entropy(sample_info)
+        log_prob, entropy = dist.log_prob_and_entropy(sample_info)
+        return log_prob[:, None], entropy
     if value.ndim == 1:
         return token_log_probs(dist, action), dist.entropy()
     horizon = value.shape[1]
@@ -237,7 +246,7 @@ def grpo_loss(
     min(r A, clip(r, 1 - clip_low, 1 + clip_high) A) + kl_coef x k3 - ent_coef x entropy
     (+ PPO's demonstration and auxiliary terms). The asymmetric clip (DAPO's clip-higher) lets
     unlikely tokens with positive advantage rise further before their gradient stops."""
-    log_prob, entropy = score_tokens(apply_fn, params, batch.obs, batch.action, batch.chunk_index)
+    log_prob, entropy = score_tokens(apply_fn, params, batch.obs, batch.action, batch.chunk_index, batch.sample_info)
     weight = jnp.broadcast_to(batch.weight[:, None], log_prob.shape)
     advantage = batch.advantage[:, None]
     log_ratio = log_prob - batch.token_log_prob
@@ -276,14 +285,14 @@ def grpo_loss(
 
 
 def score_all(apply_fn: ppo.ApplyFn, params: Any, obs: Any, action: jax.Array, chunk_index: jax.Array,
-              rows: int) -> jax.Array:
+              rows: int, sample_info: Any = None) -> jax.Array:
     """Token log-probs [B, K] of every sample, `rows` at a time (`lax.map`: a VLA's batch of a whole
     rollout need not fit through the model at once)."""
     def score_one(sample):  # lax.map vmaps this over `rows` samples at a time
         one = jax.tree_util.tree_map(lambda x: x[None], sample)
         return score_tokens(apply_fn, params, *one)[0][0]
 
-    return jax.lax.map(score_one, (obs, action, chunk_index), batch_size=rows)
+    return jax.lax.map(score_one, (obs, action, chunk_index, sample_info), batch_size=rows)
 
 
 def rollout_outcomes(rollout: Transition, cfg: GRPOConfig) -> tuple[jax.Array, jax.Array, dict]:
@@ -317,14 +326,15 @@ def make_grpo_batch(apply_fn: ppo.ApplyFn, params: Any, ref_params: Any, rollout
     flat = lambda x: x.reshape((-1,) + x.shape[2:])  # noqa: E731
     obs = jax.tree_util.tree_map(flat, rollout.obs)
     action, chunk_index = flat(rollout.action), flat(rollout.chunk_index)
+    sample_info = jax.tree_util.tree_map(flat, rollout.sample_info)
     rows = min(cfg.batch_size, action.shape[0])
-    old = jax.lax.stop_gradient(score_all(apply_fn, params, obs, action, chunk_index, rows))
+    old = jax.lax.stop_gradient(score_all(apply_fn, params, obs, action, chunk_index, rows, sample_info))
     ref = None
     if cfg.kl_coef > 0:
-        ref = jax.lax.stop_gradient(score_all(apply_fn, ref_params, obs, action, chunk_index, rows))
+        ref = jax.lax.stop_gradient(score_all(apply_fn, ref_params, obs, action, chunk_index, rows, sample_info))
     batch = GRPOBatch(obs=obs, action=action, chunk_index=chunk_index,
                       advantage=flat(jnp.broadcast_to(advantage[None], weight.shape)), weight=flat(weight),
-                      token_log_prob=old, ref_log_prob=ref)
+                      token_log_prob=old, ref_log_prob=ref, sample_info=sample_info)
     return batch, metrics
 
 

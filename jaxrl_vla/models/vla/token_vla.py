@@ -93,6 +93,13 @@ class TokenChainDist:
     def log_prob(self, bins: jax.Array) -> jax.Array:
         return self.log_prob_and_entropy(bins)[0]
 
+    def token_log_probs_and_entropy(self, bins: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Each action token's log-prob [B, H x A] (GRPO's tokens) and the summed entropy [B]."""
+        dist = tokens.score(self.logits_fn, bins, self.head)
+        per_token = jnp.take_along_axis(jax.nn.log_softmax(dist.bin_logits, axis=-1),
+                                        bins.astype(jnp.int32)[..., None], axis=-1)[..., 0]
+        return per_token.reshape(per_token.shape[0], -1), dist.entropy().sum(-1)
+
 
 class TokenVLA(nn.Module):
     """Decoder LM + action tokens + value head; `action_shape` (H, A), actions in [low, high] per dimension."""
