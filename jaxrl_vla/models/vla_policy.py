@@ -320,14 +320,19 @@ def build_vla_policy(policy_cfg: dict, env: Any, value_head_optional: bool = Fal
     """
     vla = policy_cfg["vla_config"]
     model_config = dict(vla.get("model_config") or {})
+    dtype = jnp.bfloat16 if policy_cfg.get("dtype") == "bfloat16" else jnp.float32
+    master = master_weight_dtype(policy_cfg)
+    if policy_cfg.get("action_head"):  # a decoder LM with a token or flow head (models.lm_policy)
+        from jaxrl_vla.models.lm_policy import build_lm_model
+
+        model, variables = build_lm_model(policy_cfg, env, master)
+        return _finish_policy(policy_cfg, model_config, env, model, variables, dtype)
     if policy_cfg.get("action_chunk", 1) != 1:
         model_config.setdefault("action_chunk", policy_cfg["action_chunk"])
         if model_config["action_chunk"] != policy_cfg["action_chunk"]:
             raise ConfigError("policy.action_chunk differs from policy.vla_config.model_config.action_chunk")
     _check_action_dim(policy_cfg, model_config, env)
     check_model_inputs(vla["model_class"], model_config, env)
-    dtype = jnp.bfloat16 if policy_cfg.get("dtype") == "bfloat16" else jnp.float32
-    master = master_weight_dtype(policy_cfg)
     path = vla.get("model_path")
     if path:
         from pathlib import Path
@@ -352,6 +357,12 @@ def build_vla_policy(policy_cfg: dict, env: Any, value_head_optional: bool = Fal
                 raise ConfigError(f"policy.vla_config: {err}") from None
     else:
         model, variables = _random_twin(vla["model_class"], model_config)
+    return _finish_policy(policy_cfg, model_config, env, model, variables, dtype)
+
+
+def _finish_policy(policy_cfg: dict, model_config: dict, env: Any, model: nn.Module, variables: dict,
+                   dtype: Any) -> tuple[Any, dict, dict | None]:
+    """The policy around `model`: compute dtype, auxiliary head, freezing or LoRA, and the trainable mask."""
     if dtype != jnp.float32:
         model = model.clone(dtype=dtype)
     policy = VLAPolicy(model)

@@ -65,6 +65,8 @@ class FlowVLA(nn.Module):
     expert: FlowExpertConfig
     flow: FlowConfig
     dtype: Any = jnp.float32
+    input_key: str = "input_ids"  # the observation keys of the prompt's token ids and its mask
+    mask_key: str = "attention_mask"
 
     @property
     def action_chunk(self) -> int:
@@ -78,8 +80,8 @@ class FlowVLA(nn.Module):
 
     def prefix(self, obs: Mapping[str, jax.Array]) -> tuple[jax.Array, Any, jax.Array]:
         """(hidden [B, T, H], first-L-layer kv, mask [B, T])."""
-        mask = jnp.asarray(obs["attention_mask"]).astype(bool)
-        hidden, kv = self.lm(obs["input_ids"], mask, return_kv=True)
+        mask = jnp.asarray(obs[self.mask_key]).astype(bool)
+        hidden, kv = self.lm(obs[self.input_key], mask, return_kv=True)
         if len(kv) < self.expert.num_layers:
             raise ValueError(f"expert has {self.expert.num_layers} layers; the VLM only {len(kv)}")
         return hidden, kv[: self.expert.num_layers], mask

@@ -110,6 +110,8 @@ class TokenVLA(nn.Module):
     low: float | tuple[float, ...] = -1.0
     high: float | tuple[float, ...] = 1.0
     dtype: Any = jnp.float32
+    input_key: str = "input_ids"  # the observation keys of the prompt's token ids and its mask
+    mask_key: str = "attention_mask"
 
     @property
     def action_chunk(self) -> int:
@@ -122,8 +124,8 @@ class TokenVLA(nn.Module):
         self.value_head = nn.Dense(1, dtype=jnp.float32, kernel_init=nn.initializers.normal(0.01))
 
     def __call__(self, obs: Mapping[str, jax.Array]) -> tuple[TokenChainDist, jax.Array]:
-        mask = jnp.asarray(obs["attention_mask"]).astype(bool)
-        hidden, kv = self.lm.hidden(obs["input_ids"], mask, return_kv=True)
+        mask = jnp.asarray(obs[self.mask_key]).astype(bool)
+        hidden, kv = self.lm.hidden(obs[self.input_key], mask, return_kv=True)
         last = last_real_index(mask)
         readout = take_rows(hidden, last)
         value = self.value_head(readout.astype(jnp.float32))[:, 0]
