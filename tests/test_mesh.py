@@ -236,6 +236,18 @@ for data, fsdp in [(4, 1), (2, 2), (1, 4)]:
         two_d_run = run_dir
 report["diffs"] = diffs
 
+# vla mode (host-thread collectors, the learner jitted on its own) places the state by the same rule
+from jaxrl_vla.training.async_trainer import AsyncTrainer
+env = make_env("CartPole-v1")
+async_trainer = AsyncTrainer(ActorCritic(action_space=env.action_space, hidden_sizes=(128, 128)), env,
+                             PPOConfig(n_epochs=1, batch_size=32), buffer_size=64, buffer_type="vla", num_envs=4,
+                             iterations=2, eval_freq=0, save_freq=0, output_dir=out / "async", progress=False,
+                             mesh={"data": 2, "fsdp": 2})
+state = async_trainer.train()
+kernel = state.params["params"]["actor_trunk"]["Dense_1"]["kernel"]
+report["async"] = {"iteration": int(state.iteration), "kernel_shard": list(kernel.addressable_shards[0].data.shape),
+                   "finite": bool(np.all(np.isfinite(np.asarray(kernel))))}
+
 # a PPO run's checkpoint written on the 2x2 mesh restores on one device, bit for bit
 from jaxrl_vla.eval import restore_latest
 state, iteration = restore_latest(two_d_run / "checkpoints")
@@ -351,6 +363,7 @@ def test_four_devices_every_split_trains_the_same_and_checkpoints_move(tmp_path)
     assert report["d1f4"]["kernel_shard"] == [128, 32] == report["d1f4"]["mu_shard"]
     assert all(report[name]["eval"] == 4 for name in ("one", "d4f1", "d2f2", "d1f4"))  # evaluation on the mesh
     assert report["restored_iteration"] == 2
+    assert report["async"] == {"iteration": 2, "kernel_shard": [128, 64], "finite": True}
     vla = report["vla"]
     assert vla["sharded_leaves"] > 0 and vla["one->2x2 sharded"] == vla["sharded_leaves"]
     assert vla["one"] and vla["1x4"] and vla["2x2"] and vla["one->2x2"]
