@@ -53,6 +53,10 @@ except these adapter options:
                        Default: the env's `tokenizer` attribute.
     final_obs_key      tensordict only: the info key of the final observation
                        (default: "final_obs", then "final_observation").
+    obs_keys           the observation keys the policy reads (TorchRL's `in_keys`):
+                       a list of keys, nested ones "/"-joined ("agent/pos");
+                       default every observation-spec leaf (TorchRL's
+                       PendulumEnv would feed its physical `params` too).
 
 Keys come from the env's specs, never assumed
 ----------------------------------------------
@@ -126,7 +130,8 @@ import difflib
 import importlib
 import importlib.util
 import inspect
-from dataclasses import dataclass, field
+import copy
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -160,8 +165,8 @@ PyTree = Any
 DEFAULT_MAX_EPISODE_STEPS = 1000
 _INT32 = np.iinfo(np.int32)
 _SUCCESS_NAMES = ("success", "is_success")
-TORCHRL_OPTIONS = ("max_episode_steps", "batching", "copy_obs", "tokenizer")
-TENSORDICT_OPTIONS = ("max_episode_steps", "copy_obs", "tokenizer", "final_obs_key")
+TORCHRL_OPTIONS = ("max_episode_steps", "batching", "copy_obs", "tokenizer", "obs_keys")
+TENSORDICT_OPTIONS = ("max_episode_steps", "copy_obs", "tokenizer", "final_obs_key", "obs_keys")
 BATCHING = ("auto", "native", "serial", "parallel")
 
 
@@ -315,6 +320,28 @@ def check_unique_keys(leaves: Sequence[ObsLeaf]) -> None:
                 f"observation {key_path(leaf.key)!r} holds strings, whose mask would be {key_path(mask_key)!r}, "
                 "but the env already has an observation of that name"
             )
+
+
+def select_obs_leaves(leaves: Sequence[ObsLeaf], obs_keys: Sequence[Any] | None) -> tuple[ObsLeaf, ...]:
+    """The leaves named by `obs_keys` ("/"-joined strings or tuples), in that order; all when None.
+
+    A key naming a nested group ("params") selects every leaf under it."""
+    if obs_keys is None:
+        return tuple(leaves)
+    if isinstance(obs_keys, (str, tuple)) or not obs_keys:
+        raise ConfigError(f"env.obs_keys: expected a non-empty list of observation keys, got {obs_keys!r}")
+    chosen: list[ObsLeaf] = []
+    for key in obs_keys:
+        wanted = as_key(key) if isinstance(key, str) else tuple(key)
+        found = [leaf for leaf in leaves if leaf.key[: len(wanted)] == wanted]
+        if not found:
+            names = [key_path(leaf.key) for leaf in leaves]
+            close = difflib.get_close_matches(key_path(wanted), names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"env.obs_keys: the env has no observation {key_path(wanted)!r}{hint} "
+                              f"(it has {', '.join(map(repr, names))})")
+        chosen.extend(leaf for leaf in found if leaf not in chosen)
+    return tuple(chosen)
 
 
 # --------------------------------------------------------------------------- tokenizers
@@ -972,6 +999,8 @@ class TorchRLEnv:
         copy_obs: bool = False,
         tokenizer: Any = None,
         copy_factory: Callable | None = None,
+        obs_keys: Sequence[Any] | None = None,
+        owns_probe: bool = True,
     ):
         if batching not in BATCHING:
             raise ConfigError(f"env.batching: {batching!r} must be one of {', '.join(map(repr, BATCHING))}")
@@ -988,10 +1017,13 @@ class TorchRLEnv:
         probe = factory(num_envs=1, **self.env_kwargs) if native else per_copy_factory(self.source, self.env_kwargs)()
         try:
             self.tokenizer = resolve_tokenizer(tokenizer, probe)
-            self.layout = torchrl_layout(probe, self.tokenizer)
+            layout = torchrl_layout(probe, self.tokenizer)
+            self.layout = replace(layout, obs_leaves=select_obs_leaves(layout.obs_leaves, obs_keys))
             steps = max_episode_steps or discover_max_steps(probe)
         finally:
-            probe.close()
+            if owns_probe:
+                probe.close()
+        self.steps_declared = steps is not None  # False: DEFAULT_MAX_EPISODE_STEPS is a guess, no time limit
         self.observation_space = self.layout.observation_space
         self.action_space = self.layout.action_space
         self.max_episode_steps = int(steps or DEFAULT_MAX_EPISODE_STEPS)
@@ -1002,7 +1034,7 @@ class TorchRLEnv:
         return cls(
             source.factory, native=source.native, batching=options.get("batching", "auto"), label=source.label,
             env_kwargs=env_kwargs, max_episode_steps=steps, copy_obs=options.get("copy_obs", False),
-            tokenizer=options.get("tokenizer"), copy_factory=source.copy_factory,
+            tokenizer=options.get("tokenizer"), copy_factory=source.copy_factory, obs_keys=options.get("obs_keys"),
         )
 
     def make(self, num_envs: int, seed: int) -> TorchRLVecEnv:
@@ -1159,6 +1191,7 @@ class TensorDictEnv:
         copy_obs: bool = False,
         tokenizer: Any = None,
         final_obs_key: str | None = None,
+        obs_keys: Sequence[Any] | None = None,
     ):
         self.factory = factory
         self.label = label or getattr(factory, "__name__", repr(factory))
@@ -1169,8 +1202,10 @@ class TensorDictEnv:
         try:
             self.tokenizer = resolve_tokenizer(tokenizer, probe)
             obs, _ = seed_reset(probe, 0)
-            self.layout = seed_env_layout(probe, obs, self.tokenizer)
+            layout = seed_env_layout(probe, obs, self.tokenizer)
+            self.layout = replace(layout, obs_leaves=select_obs_leaves(layout.obs_leaves, obs_keys))
             steps = max_episode_steps or discover_max_steps(probe)
+            self.steps_declared = steps is not None
             self.reports_success = bool(getattr(probe, "reports_success", False))
         finally:
             fn = getattr(probe, "close", None)
@@ -1236,7 +1271,53 @@ def make_torch_env(name: str | Callable, kind: str, **kwargs: Any) -> TorchRLEnv
             factory, label=name if isinstance(name, str) else getattr(factory, "__name__", repr(factory)),
             env_kwargs=env_kwargs, max_episode_steps=steps,
             copy_obs=options.get("copy_obs", False), tokenizer=options.get("tokenizer"),
-            final_obs_key=options.get("final_obs_key"),
+            final_obs_key=options.get("final_obs_key"), obs_keys=options.get("obs_keys"),
         )
     except UnsupportedSpecError as err:
         raise ConfigError(f"env.name: {name}: {err}") from err
+
+
+def is_torch_env(env: Any) -> bool:
+    """A TorchRL `EnvBase` (or anything stepped with TensorDicts: the seed's contract)."""
+    from torchrl.envs import EnvBase
+
+    return isinstance(env, EnvBase) or (hasattr(env, "num_envs") and hasattr(env, "step") and hasattr(env, "reset"))
+
+
+def as_torch_env(env: Any, **options: Any) -> TorchRLEnv | TensorDictEnv:
+    """The host env spec for a TorchRL / TensorDict env a user holds (Python API: `Trainer(..., env=...)`).
+
+    `env` is an unbatched TorchRL `EnvBase` object (its copies are deep copies, one per env:
+    the object itself is never stepped, so training's num_envs copies and evaluation's
+    num_eval_episodes never share its state), or a factory: a TorchRL factory, or a seed-contract
+    factory `factory(num_envs=N)`. `options` are the adapter options of `make_torch_env`
+    (`obs_keys`, `max_episode_steps`, ...). A batched object (batch_size [N], or a seed-contract
+    env with num_envs) cannot make copies of other sizes: its factory is needed instead.
+    """
+    from torchrl.envs import EnvBase
+
+    if isinstance(env, EnvBase):
+        if tuple(env.batch_size):
+            raise ConfigError(f"env: {type(env).__name__} is batched (batch_size {list(env.batch_size)}), so copies of "
+                              "other sizes (evaluation's) cannot be made from it; pass its factory instead "
+                              "(env=lambda num_envs: ..., or an unbatched env)")
+        try:
+            copy.deepcopy(env)
+        except Exception as err:  # noqa: BLE001 - named for the user, who can pass a factory instead
+            raise ConfigError(f"env: {type(env).__name__} cannot be copied ({type(err).__name__}: {err}); pass a "
+                              "factory that builds one (env=lambda: ...)") from None
+        factory = partial(copy.deepcopy, env)
+        factory.__name__ = type(env).__name__  # type: ignore[attr-defined]
+        return make_torch_env(factory, "torchrl", **options)
+    if callable(env) and not hasattr(env, "step"):
+        probe = env(num_envs=1) if accepts(env, "num_envs") else env()
+        try:
+            kind = "torchrl" if isinstance(probe, EnvBase) else "tensordict"
+        finally:
+            close = getattr(probe, "close", None)
+            if callable(close):
+                close()
+        return make_torch_env(env, kind, **options)
+    raise ConfigError(f"env: a {type(env).__name__} object holds num_envs copies already; pass its factory "
+                      "(env=lambda num_envs: ...: the trainer makes num_envs copies to train and "
+                      "num_eval_episodes to evaluate)")

@@ -120,7 +120,12 @@ def build_env(env_cfg: dict) -> Any:
             raise ConfigError(f"env.name: {name!r} needs gymnax, which is not installed: pip install -e '.[gymnax]'") from None
     if name not in envs.available_envs():
         close = difflib.get_close_matches(name, envs.available_envs(), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(envs.available_envs())}"
+        if _is_gymnasium_id(name):
+            hint = f"; gymnasium has it: did you mean 'gymnasium:{name}'?"
+        elif close:
+            hint = f"; did you mean '{close[0]}'?"
+        else:
+            hint = f"; known: {', '.join(envs.available_envs())} (or 'gymnasium:<id>', 'gymnax:<id>')"
         raise ConfigError(f"env.name: unknown env {name!r}{hint}")
     factory = envs._resolve(envs._REGISTRY[name])
     _check_kwargs(factory, kwargs, "env")
@@ -129,6 +134,15 @@ def build_env(env_cfg: dict) -> Any:
         return factory(**kwargs)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"env: {name} rejected its arguments: {err}") from None
+
+
+def _is_gymnasium_id(name: str) -> bool:
+    """Whether gymnasium's registry knows `name` (False when gymnasium is not installed)."""
+    try:
+        import gymnasium
+    except ImportError:
+        return False
+    return name in gymnasium.registry
 
 
 INTEGER_FIELDS = ("n_epochs", "batch_size", "lr_warmup_steps", "group_size")
@@ -151,8 +165,10 @@ def build_algorithm(algo_cfg: dict) -> PPOConfig:
     return cls(**{name: as_field(name, value) for name, value in algo_cfg["cfg"].items() if name in names})
 
 
-def build_policy(policy_cfg: dict, env: Any) -> tuple[Any, Any, Any]:
-    """(policy module, initial params or None, trainable mask or None)."""
+def build_policy(policy_cfg: dict, env: Any, critic_free: bool = False) -> tuple[Any, Any, Any]:
+    """(policy module, initial params or None, trainable mask or None).
+
+    `critic_free` (GRPO): a VLA checkpoint without a value head loads (`bridge.load_vla_model`)."""
     if policy_cfg["name"] == "actor_critic":
         from jaxrl_vla.models.actor_critic import ActorCritic
 
@@ -163,11 +179,12 @@ def build_policy(policy_cfg: dict, env: Any) -> tuple[Any, Any, Any]:
             hidden_sizes=tuple(policy_cfg["hidden_sizes"]),
             activation=policy_cfg["activation"],
             log_std_init=float(policy_cfg["log_std_init"]),
+            encoder=policy_cfg["encoder"],
         )
         return module, None, None
     from jaxrl_vla.models.vla_policy import build_vla_policy
 
-    return build_vla_policy(policy_cfg, env)
+    return build_vla_policy(policy_cfg, env, value_head_optional=critic_free)
 
 
 def trainer_kwargs(cfg: dict) -> dict:
@@ -187,6 +204,7 @@ def trainer_kwargs(cfg: dict) -> dict:
         progress=t["progress"],
         iterations_per_call=t["iterations_per_call"],
         mesh=dict(t["mesh"]),
+        max_episode_steps=t["max_episode_steps"],
     )
 
 
@@ -239,7 +257,7 @@ def build_demonstrations(algo_cfg: dict, env: Any, chunk: int, make_checkpoint: 
 
 
 def build_trainer(cfg: dict) -> Any:
-    """The Trainer (standard) or AsyncTrainer (vla) that the config describes.
+    """The Trainer that the config describes (`Trainer` picks its implementation: see its docstring).
 
     The trainers check the settings that need the env or the policy (discrete actions,
     chunk sizes, collector counts) and raise ValueErrors that name the config field; here
@@ -259,24 +277,14 @@ def _build_trainer(cfg: dict) -> Any:
     env = build_env(cfg["env"])
     check_arrays_fit(env, cfg["trainer"])
     algorithm = build_algorithm(cfg["algorithm"])
-    policy, params, mask = build_policy(cfg["policy"], env)
+    policy, params, mask = build_policy(cfg["policy"], env, critic_free=cfg["algorithm"]["name"] == "grpo")
     kwargs = trainer_kwargs(cfg)
     demos = build_demonstrations(cfg["algorithm"], env, cfg["policy"]["action_chunk"],
                                  cfg["policy"].get("vla_config", {}).get("make_checkpoint"))
     common = dict(init_params=params, trainable_mask=mask, lr_scales=build_lr_scales(cfg["policy"], params), config=cfg,
                   demos=demos)
-    if cfg["trainer"]["buffer_type"] == "vla" or getattr(env, "is_host_env", False):
-        from jaxrl_vla.training.async_trainer import AsyncTrainer
-
-        t = cfg["trainer"]
-        return AsyncTrainer(
-            policy, env, algorithm, num_collectors=t["num_collectors"], env_step_timeout=t["env_step_timeout"],
-            **kwargs, **common,
-        )
-    if cfg["algorithm"]["name"] == "grpo":
-        from jaxrl_vla.training.grpo_trainer import GRPOTrainer
-
-        return GRPOTrainer(policy, env, algorithm, **kwargs, **common)
     from jaxrl_vla.training.trainer import Trainer
 
-    return Trainer(policy, env, algorithm, **kwargs, **common)
+    t = cfg["trainer"]
+    return Trainer(policy, env, algorithm, num_collectors=t["num_collectors"], env_step_timeout=t["env_step_timeout"],
+                   **kwargs, **common)

@@ -9,7 +9,7 @@ The protocol (numpy in, numpy out)
 ----------------------------------
 A *spec* describes the env and builds vectorised instances:
 
-    spec.is_host_env          True (build.py routes such envs to AsyncTrainer)
+    spec.is_host_env          True (the Trainer steps such envs on the host)
     spec.observation_space    jaxrl_vla.envs.base Box / Discrete, or a dict of them
     spec.action_space         Box or Discrete
     spec.max_episode_steps    int (bounds evaluation episodes)
@@ -54,7 +54,9 @@ sampled action, whose log-prob PPO re-scores).
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+import difflib
+import functools
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import jax
 import numpy as np
@@ -161,13 +163,18 @@ def _episode_success(info: dict, done: np.ndarray) -> np.ndarray | None:
 class GymnasiumVecEnv:
     """`HostVecEnv` over `gymnasium.make_vec(..., vectorization_mode="sync")`, SAME_STEP autoreset."""
 
-    def __init__(self, name: str, num_envs: int, seed: int, observation_space: Any, action_space: Any, kwargs: dict):
+    def __init__(self, name: str, num_envs: int, seed: int, observation_space: Any, action_space: Any, kwargs: dict,
+                 factory: Callable[[], Any] | None = None):
         import gymnasium as gym
 
         self.num_envs = int(num_envs)
         self.seed = int(seed)
         self._observation_space = observation_space
         self._action_space = action_space
+        if factory is not None:  # a user's env object (its spec) or callable: one fresh env per copy
+            self._env = gym.vector.SyncVectorEnv([factory] * self.num_envs,
+                                                 autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+            return
         self._env = gym.make_vec(
             name,
             num_envs=self.num_envs,
@@ -207,11 +214,12 @@ class GymnasiumEnv:
 
     is_host_env = True
 
-    def __init__(self, name: str, **kwargs: Any):
+    def __init__(self, name: str, *, factory: Callable[[], Any] | None = None, **kwargs: Any):
         import gymnasium as gym
 
+        self.factory = factory  # builds one copy instead of gym.make(name, **kwargs) (`from_object`)
         try:
-            probe = gym.make(name, **kwargs)
+            probe = gym.make(name, **kwargs) if factory is None else factory()
         except gym.error.Error as err:
             raise ValueError(f"env.name: gymnasium cannot make {name!r}: {err}") from None
         try:
@@ -222,11 +230,44 @@ class GymnasiumEnv:
             probe.close()
         self.name = name
         self.kwargs = kwargs
+        self.nameable = factory is None  # config.json can name it as "gymnasium:<name>" with its kwargs
         self.max_episode_steps = int(steps) if steps else 1000
         self.reports_success = False  # success_rate is logged whenever infos carry it
 
     def make(self, num_envs: int, seed: int) -> GymnasiumVecEnv:
-        return GymnasiumVecEnv(self.name, num_envs, seed, self.observation_space, self.action_space, dict(self.kwargs))
+        return GymnasiumVecEnv(self.name, num_envs, seed, self.observation_space, self.action_space, dict(self.kwargs),
+                               self.factory)
+
+    @classmethod
+    def from_object(cls, env: Any) -> "GymnasiumEnv":
+        """The spec of a user's `gymnasium.Env` / `gymnasium.vector.VectorEnv` object.
+
+        The object itself is never stepped: the trainer needs num_envs copies for training and
+        num_eval_episodes for evaluation, so each copy is made afresh from the object's
+        `EnvSpec` (what `gym.make` recorded: id, kwargs and the wrappers applied since, which
+        `gym.make(spec)` re-applies), with the same-step auto-reset the host protocol wants."""
+        import gymnasium as gym
+
+        spec = env.spec
+        if spec is None:
+            raise ValueError(f"env: {type(env).__name__} was not made by gymnasium.make, so its copies cannot be "
+                             "made; pass a callable instead (env=lambda: MyEnv()) or register it with gymnasium")
+        if isinstance(env, gym.vector.VectorEnv):  # make_vec records its own arguments beside the env's
+            kwargs = {k: v for k, v in spec.kwargs.items()
+                      if k not in ("num_envs", "vectorization_mode", "vector_kwargs", "wrappers")}
+            factory = functools.partial(gym.make, spec.id, **kwargs)
+            return cls(spec.id, factory=factory, **kwargs)
+        kwargs = dict(spec.kwargs) if not spec.additional_wrappers else None
+        out = cls(spec.id, factory=functools.partial(gym.make, spec), **(kwargs or {}))
+        out.nameable = kwargs is not None  # wrappers applied after make cannot be written to config.json
+        return out
+
+    @classmethod
+    def from_callable(cls, factory: Callable[[], Any]) -> "GymnasiumEnv":
+        """The spec of a callable that returns a new `gymnasium.Env` each call (one per copy)."""
+        out = cls(getattr(factory, "__name__", repr(factory)), factory=factory)
+        out.nameable = False
+        return out
 
     def __repr__(self) -> str:
         return f"GymnasiumEnv({self.name!r})"
@@ -301,3 +342,62 @@ class JaxHostEnv:
 def as_host_env(env: Any) -> HostEnvSpec:
     """A host env spec for `env`: host specs pass through, JAX envs get `JaxHostEnv`."""
     return env if is_host_env(env) else JaxHostEnv(env)
+
+
+# --------------------------------------------------------------------------- whatever env a user holds
+
+
+def _is_jax_env(env: Any) -> bool:
+    return all(hasattr(env, name) for name in ("reset", "step")) and isinstance(
+        getattr(env, "action_space", None), (Box, Discrete))
+
+
+def _from_module(obj: Any, *packages: str) -> bool:
+    return any(cls.__module__.split(".")[0] in packages for cls in type(obj).__mro__)
+
+
+def as_trainer_env(env: Any, obs_keys: Any = None) -> Any:
+    """Whatever env a user holds -> a JAX-native `Env` or a host env spec (what the trainers run).
+
+    Accepted: a JAX-native env; a host env spec (passes through); an env id string (what
+    `env.name` takes in a config: "CartPole-v1", "gymnasium:Acrobot-v1", "gymnax:...",
+    "metaworld:..."); a `gymnasium.Env` or `gymnasium.vector.VectorEnv` made by gymnasium
+    (`GymnasiumEnv.from_object`); a TorchRL `EnvBase` (`bridge.envs.as_torch_env`); a callable
+    returning a new gymnasium or TorchRL env, or a seed-contract factory `f(num_envs=N)`.
+    `obs_keys` (TorchRL / TensorDict envs): the observation keys the policy reads.
+    Anything else raises ValueError naming its type."""
+    if isinstance(env, str):
+        from jaxrl_vla.build import build_env
+
+        if obs_keys is not None:
+            raise ValueError("obs_keys: give it with the env's options (a config's env.obs_keys), not with an env id")
+        return build_env({"name": env})
+    if is_host_env(env) or _is_jax_env(env):
+        if obs_keys is not None:
+            raise ValueError(f"obs_keys: {type(env).__name__} is built already; pass obs_keys where it is made "
+                             "(bridge.envs.make_torch_env(..., obs_keys=[...]))")
+        return env
+    if _from_module(env, "gymnasium"):
+        return GymnasiumEnv.from_object(env)
+    if _from_module(env, "torchrl", "tensordict") or (callable(env) and obs_keys is not None):
+        from bridge.envs import as_torch_env
+
+        return as_torch_env(env, **({} if obs_keys is None else {"obs_keys": list(obs_keys)}))
+    if callable(env) and not hasattr(env, "step"):
+        import inspect
+
+        try:
+            takes_num_envs = "num_envs" in inspect.signature(env).parameters
+        except (TypeError, ValueError):
+            takes_num_envs = False
+        probe = None if takes_num_envs else env()
+        if probe is not None and _from_module(probe, "gymnasium"):
+            probe.close()
+            return GymnasiumEnv.from_callable(env)
+        if probe is not None and hasattr(probe, "close"):
+            probe.close()
+        from bridge.envs import as_torch_env
+
+        return as_torch_env(env)
+    raise ValueError(f"env: a {type(env).__name__} is not an env the Trainer can run; give a JAX env, an env id "
+                     "('CartPole-v1', 'gymnasium:Acrobot-v1'), a gymnasium env, a TorchRL env or a factory of one")

@@ -1,5 +1,9 @@
 """AsyncTrainer: the VLA mode (`buffer_type: "vla"`) and host envs in standard mode.
 
+Users build it as `Trainer(..., buffer_type="vla")` or `Trainer(host_env, ...)`: the one
+public Trainer constructs this implementation (`trainer.implementation`); the name stays
+importable for code that names it.
+
 Why: a VLA policy spends >100 ms per inference. In standard mode the learner
 idles while the policy acts and the policy idles while the learner trains; here
 collector threads act and step envs continuously while the main thread trains.
@@ -75,7 +79,7 @@ from jaxrl_vla.training.acting import act_chunk, state_value, value_where
 from jaxrl_vla.training.learner import TrainState, initial_train_state, make_learn_fn
 from jaxrl_vla.training.normalizer import init_stats
 from jaxrl_vla.training.rollout import EpisodeStats, make_evaluate_fn
-from jaxrl_vla.training.trainer import BUFFER_TYPES, Trainer, episode_summary
+from jaxrl_vla.training.trainer import BUFFER_TYPES, Trainer, episode_summary, resolve_algorithm
 from jaxrl_vla.types import Transition
 
 PyTree = Any
@@ -317,14 +321,20 @@ class AsyncTrainer(Trainer):
         env: Any,
         algorithm: ppo.PPOConfig,
         buffer_size: int = 2048,
-        buffer_type: str = "vla",
+        buffer_type: str | None = None,
         *,
         num_collectors: int = 1,
         env_step_timeout: float = 60.0,
         **kwargs: Any,
     ):
+        if buffer_type is None:  # built by Trainer(...): its default, "standard"; AsyncTrainer(...): "vla"
+            buffer_type = "vla" if getattr(self, "_resolved_env", None) is None else "standard"
         if buffer_type not in BUFFER_TYPES:
             raise ValueError(f"trainer.buffer_type must be one of {BUFFER_TYPES}, got {buffer_type!r}")
+        env = self._resolve_env(env, kwargs.get("obs_keys"))
+        algorithm = resolve_algorithm(algorithm)
+        if kwargs.get("num_envs") is None:
+            kwargs["num_envs"] = int(getattr(env, "default_num_envs", 1))
         if algorithm.noise_correlation > 0:
             raise ValueError(
                 "algorithm.cfg.noise_correlation > 0 needs trainer.buffer_type 'standard' and a JAX env "
@@ -399,7 +409,7 @@ class AsyncTrainer(Trainer):
         self._value_where = compiler.jit(partial(value_where, apply_fn))
         if not is_host_env(self.env):  # a JAX-native env: evaluate with the jitted scan
             eval_env = VecEnv(self.env, self.num_eval_episodes)
-            max_steps = int(getattr(self.env, "max_episode_steps", 1000))
+            max_steps = self.episode_limit()
             constrain = sharding.env_batch_constraint(self.mesh, self.num_eval_episodes)
             self._evaluate = compiler.jit(make_evaluate_fn(apply_fn, eval_env, max_steps, self.chunk, constrain))
 
@@ -578,6 +588,7 @@ class AsyncTrainer(Trainer):
         train_time = time.perf_counter() - t1
         self._publish(new_state)
         episodes, successes = drain_episodes(self.collectors)
+        self._warn_endless(episodes)
         metrics = dict(metrics)
         metrics["staleness_max"] = float(int(self.state.iteration) - versions.min())
         metrics["collect_time"] = t1 - t0
@@ -585,6 +596,24 @@ class AsyncTrainer(Trainer):
         if successes:
             metrics["success_rate"] = float(np.mean(successes))
         return new_state, metrics, episodes
+
+    def _warn_endless(self, episodes: EpisodeStats) -> None:
+        """Warn once a run when a collected episode has run past the episode limit without ending:
+        an env with no time limit logs no return and evaluates nothing."""
+        if getattr(self, "_warned_endless", False) or not self.collectors:
+            return
+        longest = max(int(c._length.max()) for c in self.collectors)
+        if longest <= self.episode_limit():
+            return
+        self._warned_endless = True
+        warnings.warn(
+            f"{self.host_env!r}: an episode has run {longest} steps without ending, past the episode limit of "
+            f"{self.episode_limit()} (trainer.max_episode_steps, else the env's max_episode_steps); episode returns "
+            "are logged only when episodes end: give the env a time limit (env.max_episode_steps, a TimeLimit / "
+            "StepCounter) or raise trainer.max_episode_steps", RuntimeWarning, stacklevel=2)
+
+    def episode_limit(self) -> int:
+        return self.max_episode_steps or int(self.host_env.max_episode_steps)
 
     # ------------------------------------------------------------------ evaluation
 
@@ -605,8 +634,9 @@ class AsyncTrainer(Trainer):
             out = self._act(self.state.params, self.state.obs_stats, obs, key, np.uint32(i), deterministic=True)
             return np.asarray(jax.device_get(out[0]))
 
-        max_chunks = math.ceil(self.host_env.max_episode_steps / self.chunk)
+        max_chunks = math.ceil(self.episode_limit() / self.chunk)
         stats, successes = first_episodes(self._eval_env, act, max_chunks, self.seed + 1)
+        self._warn_unfinished(int(stats.count))
         out = episode_summary(stats, prefix="eval/")
         if successes:
             out["eval/success_rate"] = float(np.mean(successes))

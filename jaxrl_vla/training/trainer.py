@@ -3,6 +3,12 @@
     trainer = Trainer(policy, env, algorithm, buffer_size=128, num_envs=8)
     trainer.train(total_timesteps=100_000)
 
+One public class for every env and both modes (docs/python_api.md): `Trainer(...)`
+builds the implementation the inputs need, all of them Trainers: this class for
+standard mode with a JAX-native env, `async_trainer.AsyncTrainer` for
+`buffer_type="vla"` and for host envs (gymnasium, TorchRL, TensorDict, Meta-World),
+`grpo_trainer.GRPOTrainer` for a `GRPOConfig`.
+
 Standard mode with a JAX-native env runs each iteration (rollout by scan over
 vmapped envs, GAE, n_epochs x minibatch update) as ONE jitted function whose
 state is donated, so the host only dispatches and logs. Up to K such
@@ -16,6 +22,7 @@ one record per iteration, and calls end exactly where the state is needed
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import datetime as _dt
 import functools
 import json
@@ -24,6 +31,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -182,17 +190,151 @@ def episode_summary(stats: EpisodeStats, prefix: str = "") -> dict[str, float | 
     return out
 
 
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _constructor_kwargs(obj: Any, cls: type) -> dict | None:
+    """The non-default constructor arguments of `obj`, read back from its attributes (`x` or `_x`);
+    None when one cannot be read or written as JSON."""
+    import inspect
+
+    out = {}
+    for name, param in inspect.signature(cls).parameters.items():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        missing = object()
+        value = getattr(obj, name, getattr(obj, "_" + name, missing))
+        if value is missing or callable(value):
+            return None
+        if isinstance(value, tuple):
+            value = list(value)
+        if param.default is not inspect.Parameter.empty and value == param.default:
+            continue
+        if not _jsonable(value):
+            return None
+        out[name] = value
+    return out
+
+
+def env_config(env: Any) -> dict | None:
+    """The config's `env` section that rebuilds `env` (registered JAX envs, gymnasium ids), or None."""
+    from jaxrl_vla import envs
+    from jaxrl_vla.envs.host import GymnasiumEnv
+
+    if isinstance(env, GymnasiumEnv):
+        if not getattr(env, "nameable", True) or not _jsonable(env.kwargs):
+            return None
+        return {"name": f"gymnasium:{env.name}", **env.kwargs}
+    for name, factory in envs._REGISTRY.items():
+        try:
+            cls = envs._resolve(factory)
+        except Exception:  # noqa: BLE001 - an env whose module cannot import is not this one
+            continue
+        if type(env) is cls:
+            kwargs = _constructor_kwargs(env, cls)
+            return None if kwargs is None else {"name": name, **kwargs}
+    return None
+
+
+def policy_config(policy: Any, chunk: int) -> dict | None:
+    """The config's `policy` section that rebuilds an ActorCritic `policy`, or None for other policies."""
+    from jaxrl_vla.config import SCHEMA
+    from jaxrl_vla.models.actor_critic import ActorCritic
+
+    if type(policy) is not ActorCritic:
+        return None
+    out = {"name": "actor_critic", "hidden_sizes": list(policy.hidden_sizes), "activation": policy.activation,
+           "log_std_init": float(policy.log_std_init), "action_chunk": chunk}
+    for field in ("encoder",):  # fields newer than this function: written when the schema has them
+        if field in SCHEMA["policy"] and hasattr(policy, field):
+            out[field] = getattr(policy, field)
+    return out
+
+
+def _is_torch_module(obj: Any) -> bool:
+    """A torch.nn.Module, told without importing torch."""
+    return any(c.__name__ == "Module" and c.__module__.startswith("torch.nn") for c in type(obj).__mro__)
+
+
+def check_policy(policy: Any) -> None:
+    """ValueError unless `policy` is a Flax module the jitted programs can run (a torch model is not)."""
+    inner = getattr(policy, "model", None)
+    torch_model = policy if _is_torch_module(policy) else inner if _is_torch_module(inner) else None
+    if torch_model is not None:
+        raise ValueError(
+            f"policy: {type(torch_model).__name__} is a torch module; the Trainer runs Flax models inside jit, so a "
+            "torch VLA (forward / get_value / evaluate_actions) needs its Flax twin, with its weights converted by "
+            "the bridge (bridge.convert, register_twin): see docs/bring_your_own_vla.md")
+    if not isinstance(policy, nn.Module):
+        raise ValueError(f"policy: expected a flax.linen Module returning (dist, value) (ActorCritic, VLAPolicy), "
+                         f"got a {type(policy).__name__}")
+
+
+def resolve_algorithm(algorithm: Any) -> ppo.PPOConfig:
+    """A `PPOConfig` (or `GRPOConfig`) as given, or built from the seed's dict
+    {"name": "ppo", "cfg": {...}} (a config's `algorithm` section: unknown keys are named)."""
+    if isinstance(algorithm, ppo.PPOConfig):
+        return algorithm
+    if isinstance(algorithm, dict):
+        from jaxrl_vla.build import build_algorithm
+        from jaxrl_vla.config import SCHEMA, ConfigError, _resolve_section
+
+        section = _resolve_section("algorithm", SCHEMA["algorithm"], algorithm)
+        if section["demo_path"] is not None or section["demo_augment"]:
+            raise ConfigError("algorithm.demo_path: in Python, pass the demonstrations as Trainer(..., demos=...)")
+        return build_algorithm(section)
+    raise ValueError(f"algorithm: expected a PPOConfig or a dict like {{'name': 'ppo', 'cfg': {{...}}}}, "
+                     f"got a {type(algorithm).__name__}")
+
+
+def resolve_env(env: Any, obs_keys: Any = None) -> Any:
+    """Whatever env a user holds -> a JAX-native Env or a host env spec (`envs.host.as_trainer_env`)."""
+    from jaxrl_vla.envs.host import as_trainer_env
+
+    return as_trainer_env(env, obs_keys)
+
+
+def implementation(env: Any, algorithm: ppo.PPOConfig, buffer_type: str) -> type:
+    """The Trainer class that runs these (resolved) inputs."""
+    from jaxrl_vla.envs.host import is_host_env
+
+    if type(algorithm).__name__ == "GRPOConfig":
+        from jaxrl_vla.training.grpo_trainer import GRPOTrainer
+
+        return GRPOTrainer
+    if buffer_type == "vla" or is_host_env(env):
+        from jaxrl_vla.training.async_trainer import AsyncTrainer
+
+        return AsyncTrainer
+    return Trainer
+
+
 class Trainer:
     """Coordinates collection, learning, evaluation, logging and checkpoints.
 
     Args (the seed's, plus what a run needs):
-      policy        a flax Module following `jaxrl_vla.models.policy` (dist, value)
-      env           a JAX-native `Env` (single instance; vmapped num_envs times)
-      algorithm     a `PPOConfig`
-      buffer_size   steps per env per rollout (standard mode)
-      buffer_type   "standard" | "vla" (async; see jaxrl_vla.training.async_trainer)
+      policy        a flax Module following `jaxrl_vla.models.policy` (dist, value): ActorCritic, VLAPolicy
+                    around a Flax VLA (a torch module is refused: it needs its Flax twin)
+      env           a JAX-native `Env` (vmapped num_envs times), an env id ("CartPole-v1",
+                    "gymnasium:Acrobot-v1"), a gymnasium Env / VectorEnv, a TorchRL EnvBase, a host env
+                    spec, or a callable making one (`jaxrl_vla.envs.host.as_trainer_env`)
+      algorithm     a `PPOConfig`, or the seed's dict {"name": "ppo", "cfg": {...}}
+      buffer_size   standard mode: steps per env per rollout; vla mode: the circular buffer's
+                    capacity in transitions (buffer_size / num_envs steps per env per iteration)
+      buffer_type   "standard" | "vla" (collectors on threads; see jaxrl_vla.training.async_trainer)
       batch_size    PPO minibatch size (overrides algorithm.batch_size when given)
-      num_envs      parallel envs
+      num_envs      parallel envs (default 1, or a gymnasium VectorEnv's own count)
+      num_collectors, env_step_timeout  vla mode: collector threads; seconds an env step may take
+      callback      called with each iteration's metrics record (after logging); returning False
+                    stops training after the iterations already dispatched (as SB3's callbacks)
+      max_episode_steps  evaluation episodes are cut here, and the run warns when an env ends no
+                    episode within it (default: the env's own limit)
+      obs_keys      TorchRL / TensorDict envs: the observation keys the policy reads (TorchRL's in_keys)
       iterations    planned iterations (fixes the LR schedule); train() may override
       success_key   info key counted as task success (the env's "success" by default)
       demos         expert `Demonstrations` (raw observations, host or device arrays) for PPO's
@@ -204,6 +346,28 @@ class Trainer:
                     ('data', 'fsdp') `jax.sharding.Mesh` (`sharding.make_mesh`): see `training.sharding`
     """
 
+    def __new__(cls, policy: Any = None, env: Any = None, algorithm: Any = None, *args: Any, **kwargs: Any):
+        """`Trainer(...)` builds the implementation its inputs need (see the module docstring); a
+        subclass named explicitly is built as it is."""
+        obj_cls = cls
+        resolved = None
+        if cls is Trainer:
+            buffer_type = kwargs.get("buffer_type", args[1] if len(args) > 1 else "standard")
+            algorithm = resolve_algorithm(algorithm)
+            resolved = (env, resolve_env(env, kwargs.get("obs_keys")))
+            obj_cls = implementation(resolved[1], algorithm, buffer_type)
+        obj = super().__new__(obj_cls)
+        obj._resolved_env = resolved  # __init__ gets the same env again: resolve it once
+        return obj
+
+    def _resolve_env(self, env: Any, obs_keys: Any = None) -> Any:
+        cached = getattr(self, "_resolved_env", None)
+        if cached is not None and (env is cached[0] or env is cached[1]):
+            return cached[1]
+        resolved = resolve_env(env, obs_keys)
+        self._resolved_env = (env, resolved)
+        return resolved
+
     def __init__(
         self,
         policy: nn.Module,
@@ -212,7 +376,7 @@ class Trainer:
         buffer_size: int = 2048,
         buffer_type: str = "standard",
         batch_size: int | None = None,
-        num_envs: int = 1,
+        num_envs: int | None = None,
         seed: int = 0,
         iterations: int | None = None,
         eval_freq: int = 10,
@@ -230,17 +394,30 @@ class Trainer:
         iterations_per_call: int = 0,
         demos: Demonstrations | None = None,
         mesh: dict | jax.sharding.Mesh | None = None,
+        num_collectors: int = 1,
+        env_step_timeout: float = 60.0,
+        callback: Callable[[dict], bool | None] | None = None,
+        max_episode_steps: int | None = None,
+        obs_keys: Any = None,
     ):
         if buffer_type not in BUFFER_TYPES:
             raise ValueError(f"trainer.buffer_type must be one of {BUFFER_TYPES}, got {buffer_type!r}")
-        if buffer_type != "standard":
-            raise ValueError("buffer_type 'vla' is served by jaxrl_vla.training.async_trainer.AsyncTrainer")
+        if buffer_type != "standard" and type(self) is Trainer:
+            raise ValueError("buffer_type 'vla' runs host collectors: build it as Trainer(...), which picks them")
+        check_policy(policy)
+        env = self._resolve_env(env, obs_keys)
+        algorithm = resolve_algorithm(algorithm)
         self.policy = policy
         self.env = env
         self.buffer_type = buffer_type
         self.cfg = algorithm if batch_size is None else algorithm.replace(batch_size=int(batch_size))
         self.buffer_size = int(buffer_size)
-        self.num_envs = int(num_envs)
+        self.num_envs = int(num_envs if num_envs is not None else getattr(env, "default_num_envs", 1))
+        if max_episode_steps is not None and int(max_episode_steps) <= 0:
+            raise ValueError(f"trainer.max_episode_steps must be > 0, got {max_episode_steps}")
+        self.max_episode_steps = None if max_episode_steps is None else int(max_episode_steps)
+        self.callback = callback
+        self.stopped_by_callback = False
         self.seed = int(seed)
         self.iterations = iterations
         self.eval_freq = int(eval_freq)
@@ -380,7 +557,7 @@ class Trainer:
         self._compiler = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="compile")
         self._program = self._compiler.submit(self._compile_program)
         eval_env = VecEnv(self.env, self.num_eval_episodes)
-        max_steps = int(getattr(self.env, "max_episode_steps", 1000))
+        max_steps = self.episode_limit()
         constrain = sharding.env_batch_constraint(self.mesh, self.num_eval_episodes)
         self._evaluate = compiler.jit(make_evaluate_fn(apply_fn, eval_env, max_steps, self.chunk, constrain))
         if self.eval_freq > 0:
@@ -442,17 +619,100 @@ class Trainer:
     def _eval_key(self) -> jax.Array:
         return jax.random.PRNGKey(self.seed + 1)
 
+    def episode_limit(self) -> int:
+        """Steps after which an evaluation episode is cut: trainer.max_episode_steps, else the env's limit."""
+        return self.max_episode_steps or int(getattr(self.env, "max_episode_steps", 1000))
+
+    def _warn_unfinished(self, finished: int) -> None:
+        """Warn (once a run) when evaluation episodes did not end within the episode limit."""
+        if finished >= self.num_eval_episodes or getattr(self, "_warned_unfinished", False):
+            return
+        self._warned_unfinished = True
+        warnings.warn(
+            f"evaluation: {self.num_eval_episodes - finished} of {self.num_eval_episodes} episodes of {self.env!r} did "
+            f"not end within {self.episode_limit()} steps (trainer.max_episode_steps), so they are not counted; an "
+            "env without a time limit needs one (a TimeLimit wrapper, env.max_episode_steps) or a larger "
+            "trainer.max_episode_steps", RuntimeWarning, stacklevel=3)
+
     # ------------------------------------------------------------------ run
 
-    def _open_run(self, resume: Path | None) -> None:
+    def _open_run(self, resume: Path | None, total_iterations: int) -> None:
         if resume is not None:
             self.run_dir = Path(resume)
+            self._write_config(total_iterations, update_only=True)
             return
         run_dir = None
         if distributed.is_primary():  # with several processes, process 0 makes it and tells the others
             run_dir = new_run_dir(self.output_dir, self.exp_name)
-            (run_dir / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
+            self.run_dir = run_dir
+            self._write_config(total_iterations)
         self.run_dir = distributed.agree_on_run_dir(run_dir)
+
+    def _write_config(self, total_iterations: int, update_only: bool = False) -> None:
+        """config.json of the run: the full resolved config (`resolved_config` for runs started from
+        Python), with trainer.iterations the run's budget, so `train --resume` keeps it. `update_only`:
+        an existing file only gets that budget (a resume's --set overrides stay out of it)."""
+        if not self.config:
+            self.config = self.resolved_config()
+        if isinstance(self.config.get("trainer"), dict):
+            self.config["trainer"]["iterations"] = int(total_iterations)
+        if not distributed.is_primary():
+            return
+        path = self.run_dir / "config.json"
+        written = self.config
+        if update_only and path.is_file():
+            written = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(written.get("trainer"), dict):
+                written["trainer"]["iterations"] = int(total_iterations)
+        path.write_text(json.dumps(written, indent=2) + "\n")
+
+    def resolved_config(self) -> dict:
+        """This trainer's full config as `python -m jaxrl_vla.train` reads it (config.json of a run
+        started from Python), so `jaxrl_vla.eval --run` and `train --resume` rebuild the run.
+
+        What no config can name (an env object without an id, a policy other than ActorCritic,
+        demonstrations given as arrays) is written as far as it goes, with a warning: such a run
+        reloads with `Trainer.load(path, env=..., policy=...)`."""
+        from jaxrl_vla.config import SCHEMA, ConfigError, resolve
+
+        unnamed = []
+        env_cfg = env_config(self.env)
+        if env_cfg is None:
+            unnamed.append(f"the env {self.env!r}")
+            env_cfg = {"name": repr(self.env)}
+        policy_cfg = policy_config(self.policy, self.chunk)
+        if policy_cfg is None:
+            unnamed.append(f"the policy {type(self.policy).__name__}")
+            policy_cfg = {"name": "vla"}
+        async_mode = bool(getattr(self, "async_mode", False))
+        trainer_cfg = {
+            "buffer_size": int(getattr(self, "capacity", self.buffer_size)) if async_mode else self.buffer_size,
+            "buffer_type": self.buffer_type, "iterations": int(self.iterations or 1), "num_envs": self.num_envs,
+            "seed": self.seed, "eval_freq": self.eval_freq, "num_eval_episodes": self.num_eval_episodes,
+            "save_freq": self.save_freq, "exp_name": self.exp_name, "output_dir": str(self.output_dir),
+            "normalize_observations": bool(self.normalize_observations), "progress": bool(self.progress),
+            "iterations_per_call": self.iterations_per_call, "max_episode_steps": self.max_episode_steps,
+            "num_collectors": int(getattr(self, "num_collectors", 1)),
+            "env_step_timeout": float(getattr(self, "env_step_timeout", 60.0)),
+            "mesh": {"fsdp": sharding.fsdp_size(self.mesh)},
+        }
+        fields = SCHEMA["algorithm"]["cfg"]
+        algo_cfg = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k in fields}
+        name = "grpo" if type(self.cfg).__name__ == "GRPOConfig" else "ppo"
+        raw = {"trainer": trainer_cfg, "algorithm": {"name": name, "cfg": algo_cfg}, "policy": policy_cfg, "env": env_cfg}
+        if self.demos is not None:
+            unnamed.append("the demonstrations (arrays, not algorithm.demo_path)")
+            raw["algorithm"]["cfg"]["demo_coef"] = 0.0
+        try:
+            config = resolve(raw)
+        except ConfigError as err:
+            unnamed.append(f"a setting ({err})")
+            config = raw
+        if unnamed:
+            warnings.warn(f"config.json cannot name {', '.join(unnamed)}: `python -m jaxrl_vla.eval --run` and "
+                          "`train --resume` cannot rebuild this run; Trainer.load(path, env=..., policy=...) can",
+                          RuntimeWarning, stacklevel=4)
+        return config
 
     def describe(self, total_iterations: int) -> str:
         """One line saying what an iteration is, so `buffer_size` is never ambiguous."""
@@ -490,6 +750,7 @@ class Trainer:
         evaluate = self._evaluate if future is None else future.result()
         key = jax.device_put(self._eval_key(), sharding.replicated(self.mesh))
         stats = jax.device_get(evaluate(self.state.params, self.state.obs_stats, key))
+        self._warn_unfinished(int(stats.count))
         out = episode_summary(stats, prefix="eval/")
         if float(stats.count) > 0 and self._env_reports_success():
             out["eval/success_rate"] = float(stats.success_sum) / float(stats.count)
@@ -498,26 +759,48 @@ class Trainer:
     def _env_reports_success(self) -> bool:
         return bool(getattr(self.env, "reports_success", False))
 
-    def train(self, total_timesteps: int | None = None, resume: str | Path | None = None) -> TrainState:
-        """Train until `total_timesteps` env steps (or `iterations`); returns the final state."""
+    def train(self, total_timesteps: int | None = None, resume: str | Path | None = None,
+              new_run: bool = False) -> TrainState:
+        """Train; returns the final state.
+
+        First call (or `new_run=True`): a new run directory and a fresh state, trained for
+        `total_timesteps` env steps (rounded up to whole iterations), else `iterations`.
+        Called again on the same Trainer (or after `Trainer.load`): the run continues where it
+        stopped, as SB3's `learn(reset_num_timesteps=False)`: same run directory, parameters,
+        optimiser state and step counters, for `total_timesteps` MORE env steps (else another
+        `iterations`). `resume=RUN_DIR` (what `train --resume` does): that run's latest checkpoint,
+        trained up to its budget: `total_timesteps` in all when given, else `iterations`, which
+        config.json records as the run's budget (a run started with --total-timesteps keeps it).
+        """
+        continuing = self.state is not None and self.run_dir is not None and resume is None and not new_run
+        done_before = int(self.state.iteration) if continuing else 0
         if total_timesteps is not None:
-            total_iterations = max(1, math.ceil(int(total_timesteps) / self.samples_per_iteration))
+            planned = max(1, math.ceil(int(total_timesteps) / self.samples_per_iteration))
         elif self.iterations is not None:
-            total_iterations = int(self.iterations)
+            planned = int(self.iterations)
         else:
             raise ValueError("give total_timesteps or trainer.iterations")
+        total_iterations = done_before + planned
         self._build(total_iterations)
         self._diverged = False
         self._final_save = False
-        self._open_run(Path(resume) if resume else None)
+        self._stop.clear()
+        self.stopped_by_callback = False
+        if continuing:
+            self._write_config(total_iterations, update_only=True)
+        else:
+            self._open_run(Path(resume) if resume else None, total_iterations)
         checkpointer = Checkpointer(self.run_dir)
-        init = compiler.jit(self._init_state, out_shardings=self._state_shardings)
-        # onto the mesh as the state holds them (fsdp-sharded or replicated): pretrained params arrive
-        # committed to one device (the loader's), and a large VLA's must never be replicated whole
-        key = jax.device_put(jax.random.PRNGKey(self.seed), sharding.replicated(self.mesh))
-        init_params = None if self.init_params is None else jax.device_put(self.init_params,
-                                                                           self._state_shardings.params)
-        state = init(key, init_params)
+        if continuing:  # placed as this run's program expects (a loaded state sits on one device)
+            state = jax.device_put(self.state, self._state_shardings)
+        else:
+            init = compiler.jit(self._init_state, out_shardings=self._state_shardings)
+            # onto the mesh as the state holds them (fsdp-sharded or replicated): pretrained params arrive
+            # committed to one device (the loader's), and a large VLA's must never be replicated whole
+            key = jax.device_put(jax.random.PRNGKey(self.seed), sharding.replicated(self.mesh))
+            init_params = None if self.init_params is None else jax.device_put(self.init_params,
+                                                                               self._state_shardings.params)
+            state = init(key, init_params)
         if resume:
             state, _ = checkpointer.restore(state)
         self._device_demos = self._prepare_demos(state.params)
@@ -528,10 +811,18 @@ class Trainer:
                             start_step=int(state.global_step)) if distributed.is_primary()
                   else distributed.SilentLogger())
         logger.console.print(self.describe(total_iterations))
+        if resume or continuing:
+            verb = "resuming" if resume else "continuing"
+            left = (f"{total_iterations - start} more to its budget of {total_iterations}" if start < total_iterations
+                    else f"already at its budget of {total_iterations} iterations: nothing to train (give "
+                         "--total-timesteps, counted from the start of the run, to train further)")
+            logger.console.print(f"{verb} {self.run_dir} from iteration {start} ({int(state.global_step):,} env steps); "
+                                 f"{left}")
         if total_timesteps is not None:
-            steps = total_iterations * self.samples_per_iteration
+            steps = planned * self.samples_per_iteration
             rounded = "" if steps == int(total_timesteps) else f" (rounded up to whole iterations of {self.samples_per_iteration:,})"
-            logger.console.print(f"total timesteps {int(total_timesteps):,}: {total_iterations} iterations = {steps:,} env steps{rounded}")
+            more = " more" if continuing else ""
+            logger.console.print(f"total timesteps {int(total_timesteps):,}{more}: {planned} iterations = {steps:,} env steps{rounded}")
         previous_handler = self._install_sigint()
         interrupted = False
         try:
@@ -553,13 +844,116 @@ class Trainer:
             logger.close()
             self._final_save = False
             self._restore_sigint(previous_handler)
-        verb = "interrupted at" if interrupted else "finished"
+        verb = ("stopped by the callback at" if self.stopped_by_callback else "interrupted at") if interrupted else "finished"
         logger.console.print(
             f"{verb} iteration {int(self.state.iteration)} ({int(self.state.global_step):,} env steps); "
             f"outputs in {self.run_dir} (metrics.jsonl, tensorboard/, checkpoints/)"
         )
-        self.interrupted = interrupted
+        self.interrupted = interrupted and not self.stopped_by_callback
         return self.state
+
+    # ------------------------------------------------------------------ save, load, predict
+
+    def save(self, path: str | Path) -> Path:
+        """Write the current state into directory `path` as a run directory (config.json and
+        checkpoints/<iteration>), which `Trainer.load`, `python -m jaxrl_vla.eval --run` and
+        `train --resume` read. The run's own directory gets a checkpoint at the end of every
+        train() anyway; this is for a copy elsewhere."""
+        if self.state is None:
+            raise ValueError("save: nothing to save yet; call train() (or Trainer.load) first")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if not self.config:
+            self.config = self.resolved_config()
+        jax.block_until_ready(self.state)
+        if distributed.is_primary():
+            (path / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
+        checkpointer = Checkpointer(path)
+        try:
+            checkpointer.save(int(self.state.iteration), self.state, {"config": self.config})
+        finally:
+            checkpointer.close()
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, env: Any = None, policy: Any = None, **settings: Any) -> "Trainer":
+        """The Trainer of the run directory `path` (its config.json), holding its latest checkpoint's
+        state: `predict` acts with it, `train()` continues the run in `path`.
+
+        `env` / `policy` replace what config.json names (needed where it could not name them);
+        `settings` replace trainer fields (e.g. progress=False, num_envs=1)."""
+        from jaxrl_vla.build import build_algorithm, build_env, build_policy, build_trainer, trainer_kwargs
+        from jaxrl_vla.config import ConfigError, resolve
+
+        path = Path(path)
+        config_path = path / "config.json"
+        if not config_path.is_file():
+            raise ValueError(f"Trainer.load: {path} has no config.json (is it a run directory?)")
+        cfg = json.loads(config_path.read_text(encoding="utf-8"))
+        for key, value in settings.items():
+            if key not in cfg.get("trainer", {}):
+                raise ConfigError(f"Trainer.load: {key!r} is not a trainer field")
+            cfg["trainer"][key] = value
+        cfg = resolve(cfg)
+        if env is None and policy is None:
+            trainer = build_trainer(cfg)
+        else:
+            env = resolve_env(env) if env is not None else build_env(cfg["env"])
+            policy = policy if policy is not None else build_policy(cfg["policy"], env)[0]
+            t = cfg["trainer"]
+            trainer = Trainer(policy, env, build_algorithm(cfg["algorithm"]), config=cfg,
+                              num_collectors=t["num_collectors"], env_step_timeout=t["env_step_timeout"],
+                              **trainer_kwargs(cfg))
+        trainer._restore(path)
+        return trainer
+
+    def _restore(self, run_dir: Path) -> None:
+        """self.state <- the latest checkpoint of `run_dir`, which becomes this trainer's run."""
+        total = int(self.iterations or 1)
+        grad_steps = total * self.cfg.n_epochs * self.cfg.num_minibatches(self.samples_per_iteration)
+        self.optimizer = ppo.make_optimizer(self.cfg, grad_steps, self.trainable_mask, self.lr_scales)
+        template = jax.jit(self._init_state)(jax.random.PRNGKey(self.seed), self.init_params)
+        checkpointer = Checkpointer(run_dir)
+        try:
+            self.state, _ = checkpointer.restore(template)
+        finally:
+            checkpointer.close()
+        self.run_dir = Path(run_dir)
+
+    def _observation_space(self) -> Any:
+        return getattr(self, "host_env", self.env).observation_space
+
+    def predict(self, obs: Any, deterministic: bool = True) -> np.ndarray:
+        """Actions for `obs` from the current parameters (observation normalisation included).
+
+        `obs`: one observation (as the env returns it) or a batch with a leading axis; returns
+        one action, or [B, ...] actions (an action-chunking policy: its chunk [H, ...] /
+        [B, H, ...]). Unlike SB3's predict, the action alone, no recurrent state."""
+        from jaxrl_vla.training.acting import act_chunk
+
+        if self.state is None:
+            raise ValueError("predict: no parameters yet; call train() or Trainer.load(path) first")
+        zeros = zeros_like_obs(self._observation_space(), 1)
+        leaves, treedef = jax.tree_util.tree_flatten(zeros)
+        try:
+            given = treedef.flatten_up_to(obs)
+        except (ValueError, TypeError):
+            raise ValueError(f"predict: obs must be structured as the env's observations ({treedef})") from None
+        given = [np.asarray(x) for x in given]
+        single = given[0].ndim == leaves[0].ndim - 1
+        batch = jax.tree_util.tree_unflatten(
+            treedef, [np.asarray(x, z.dtype)[None] if single else np.asarray(x, z.dtype) for x, z in zip(given, leaves)])
+        if getattr(self, "_predict_fn", None) is None:
+            apply_fn = self.policy.apply
+            self._predict_fn = jax.jit(functools.partial(act_chunk, apply_fn), static_argnames="deterministic")
+            self._predict_calls = 0
+        key = jax.random.fold_in(jax.random.PRNGKey(self.seed + 2), self._predict_calls)
+        self._predict_calls += 1
+        actions = np.asarray(self._predict_fn(self.state.params, self.state.obs_stats, batch, key,
+                                              deterministic=bool(deterministic))[0])
+        if self.chunk == 1:
+            actions = actions[:, 0]
+        return actions[0] if single else actions
 
     def _evaluation_due(self, iteration: int, total: int) -> bool:
         return self.eval_freq > 0 and (iteration % self.eval_freq == 0 or iteration == total)
@@ -613,13 +1007,21 @@ class Trainer:
                 records[-1].update(last_eval)
             for record in records:
                 logger.log(record)
-                if self.log_fn is not None and distributed.is_primary():
-                    self.log_fn(record)
+                if distributed.is_primary():
+                    self._call_back(record)
             if self._checkpoint_due(after, total):
                 checkpointer.save(after, self.state, {"config": self.config})
             done, size = after, next_size  # a call dispatched ahead has its size fixed already
         self.final_eval = last_eval
         return False
+
+    def _call_back(self, record: dict) -> None:
+        """`log_fn` (the older hook; its return is ignored), then `callback`, whose False stops training."""
+        if self.log_fn is not None:
+            self.log_fn(record)
+        if self.callback is not None and self.callback(dict(record)) is False:
+            self.stopped_by_callback = True
+            self._stop.set()
 
     def _next_call_size(self, done: int, total: int, seconds_per_iteration: float | None) -> int:
         """Iterations of the call that starts after `done`: up to the next multiple of the
