@@ -58,6 +58,10 @@ def test_env_ids_and_gymnasium_objects(tmp_path):
     assert saved["env"] == {"name": "gymnasium:Acrobot-v1"} and saved["trainer"]["max_episode_steps"] == 20
     action = trainer.predict(env.reset(seed=0)[0])
     assert action.shape == () and env.action_space.contains(int(action))
+    vector = small_trainer(tmp_path, env=gym.make_vec("CartPole-v1", num_envs=4), num_envs=None)
+    assert vector.num_envs == 4 and vector.env.name == "CartPole-v1"  # the VectorEnv's own count
+    from_callable = small_trainer(tmp_path, env=lambda: gym.make("CartPole-v1", max_episode_steps=50))
+    assert from_callable.env.max_episode_steps == 50
 
 
 def test_algorithm_dict_and_bad_inputs_are_named(tmp_path):
@@ -115,6 +119,10 @@ def test_train_continues_then_save_load_predict_and_the_cli_tools(tmp_path, caps
     batch = np.stack([obs, -obs, obs * 2])
     assert loaded.predict(batch).shape == (3,)
     np.testing.assert_array_equal(loaded.predict(batch), trainer.predict(batch))
+
+    loaded.train(total_timesteps=64)  # a loaded trainer continues its run (here the copy)
+    assert int(loaded.state.iteration) == 4 and loaded.run_dir == copy_dir
+    assert [r["iteration"] for r in metrics(copy_dir)] == [4]
 
     run = jaxrl_eval.load_run(run_dir)  # what `python -m jaxrl_vla.eval --run` reads
     assert run.iteration == 3

@@ -256,7 +256,9 @@ class GymnasiumEnv:
             kwargs = {k: v for k, v in spec.kwargs.items()
                       if k not in ("num_envs", "vectorization_mode", "vector_kwargs", "wrappers")}
             factory = functools.partial(gym.make, spec.id, **kwargs)
-            return cls(spec.id, factory=factory, **kwargs)
+            out = cls(spec.id, factory=factory, **kwargs)
+            out.default_num_envs = int(env.num_envs)  # the Trainer's num_envs unless given
+            return out
         kwargs = dict(spec.kwargs) if not spec.additional_wrappers else None
         out = cls(spec.id, factory=functools.partial(gym.make, spec), **(kwargs or {}))
         out.nameable = kwargs is not None  # wrappers applied after make cannot be written to config.json

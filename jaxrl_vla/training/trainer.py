@@ -50,7 +50,7 @@ from jaxrl_vla.training import compiler, distributed, sharding
 from jaxrl_vla.training.checkpoint import Checkpointer
 from jaxrl_vla.training.learner import TrainState, initial_train_state, make_learn_fn
 from jaxrl_vla.training.logging import RunLogger
-from jaxrl_vla.training.normalizer import init_stats
+from jaxrl_vla.training.normalizer import init_reward_stats, init_stats, scale_rewards
 from jaxrl_vla.training.rollout import EpisodeStats, make_evaluate_fn, make_rollout_fn
 from jaxrl_vla.types import Demonstrations
 
@@ -385,6 +385,7 @@ class Trainer:
         output_dir: str | Path = "runs",
         exp_name: str = "run",
         normalize_observations: bool = False,
+        normalize_rewards: bool = False,
         trainable_mask: Any = None,
         lr_scales: Any = None,
         init_params: Any = None,
@@ -402,8 +403,8 @@ class Trainer:
     ):
         if buffer_type not in BUFFER_TYPES:
             raise ValueError(f"trainer.buffer_type must be one of {BUFFER_TYPES}, got {buffer_type!r}")
-        if buffer_type != "standard" and type(self) is Trainer:
-            raise ValueError("buffer_type 'vla' runs host collectors: build it as Trainer(...), which picks them")
+        if buffer_type != "standard":  # Trainer(...) builds AsyncTrainer for 'vla'; GRPO has no vla mode
+            raise ValueError(f"trainer.buffer_type {buffer_type!r}: {type(self).__name__} runs standard mode only")
         check_policy(policy)
         env = self._resolve_env(env, obs_keys)
         algorithm = resolve_algorithm(algorithm)
@@ -430,6 +431,10 @@ class Trainer:
         self.output_dir = Path(output_dir)
         self.exp_name = exp_name
         self.normalize_observations = normalize_observations
+        self.normalize_rewards = bool(normalize_rewards)
+        if self.normalize_rewards and (hasattr(self, "async_mode") or type(algorithm) is not ppo.PPOConfig):
+            raise ValueError("trainer.normalize_rewards: PPO in standard mode with a JAX-native env only (the "
+                             "scaling runs inside its jitted iteration)")
         self.trainable_mask = trainable_mask
         self.lr_scales = lr_scales
         self.init_params = init_params
@@ -486,7 +491,8 @@ class Trainer:
         if params is None:
             params = self.policy.init(init_key, zeros_like_obs(self.env.observation_space, 1))
         stats = init_stats(jax.tree_util.tree_map(lambda x: x[0], obs)) if self.normalize_observations else None
-        return initial_train_state(params, self.optimizer, stats, key, env_state, obs)
+        state = initial_train_state(params, self.optimizer, stats, key, env_state, obs)
+        return state.replace(reward_stats=init_reward_stats(self.num_envs)) if self.normalize_rewards else state
 
     def _shardings(self, state: TrainState) -> TrainState:
         """Env state and observations split over the mesh by env; parameters, optimiser state and the
@@ -528,6 +534,11 @@ class Trainer:
                 state.params, state.obs_stats, state.env_state, state.obs, rollout_key, state.iteration
             )
             state = state.replace(key=key, env_state=env_state, obs=obs)
+            if state.reward_stats is not None:  # the learner sees scaled rewards; episode returns stay raw
+                reward_stats, rewards = scale_rewards(state.reward_stats, transitions.reward,
+                                                      transitions.terminated | transitions.truncated, self.cfg.gamma)
+                transitions = transitions.replace(reward=rewards)
+                state = state.replace(reward_stats=reward_stats)
             state, metrics = learn(state, transitions, last_value, demos)
             # one float32 vector for every scalar: a single device->host transfer per call;
             # the step counter is returned apart from the (donated) state so it can be read later
@@ -691,6 +702,7 @@ class Trainer:
             "seed": self.seed, "eval_freq": self.eval_freq, "num_eval_episodes": self.num_eval_episodes,
             "save_freq": self.save_freq, "exp_name": self.exp_name, "output_dir": str(self.output_dir),
             "normalize_observations": bool(self.normalize_observations), "progress": bool(self.progress),
+            "normalize_rewards": self.normalize_rewards,
             "iterations_per_call": self.iterations_per_call, "max_episode_steps": self.max_episode_steps,
             "num_collectors": int(getattr(self, "num_collectors", 1)),
             "env_step_timeout": float(getattr(self, "env_step_timeout", 60.0)),
