@@ -1,19 +1,27 @@
-"""`python -m jaxrl_vla.eval --run RUN_DIR --video out.gif`: watch what a policy does.
+"""`python -m jaxrl_vla.eval --run RUN_DIR [--video out.gif]`: watch what a policy does.
 
 Loads a run directory (its config.json and latest checkpoint), runs
-deterministic evaluation episodes of its env, prints each episode's return and
-success, and writes a video: every frame is the env's rgb observation scaled
-up (nearest neighbour, so pixels stay crisp) with the instruction and the
-step's running return written underneath. `--expert` records the env's
+deterministic evaluation episodes of its env, prints each episode's return (and
+success, where the env reports it) and, with --video, writes a video: each
+frame scaled up (nearest neighbour, so pixels stay crisp) with the instruction
+and the step's running return written underneath. `--expert` records the env's
 scripted expert instead of a policy (no run needed; handy for docs).
 
+    python -m jaxrl_vla.eval --run runs/cartpole-20250101-120000
     python -m jaxrl_vla.eval --run runs/vl_reach_scratch-20250101-120000 --video out.gif
     python -m jaxrl_vla.eval --expert --video expert.gif --episodes 4
     python -m jaxrl_vla.eval --expert --env VLReach-v0 --env-kwargs '{"num_objects": 3}' --video x.mp4
 
+Every env evaluates (JAX envs in one jitted scan, host envs -- gymnasium,
+TorchRL, Meta-World -- stepped on the host). Where the frames come from
+(`frame_source`): an image observation (VLReach's and Meta-World's `rgb`,
+TorchRL `pixels`), a drawing of the state (JAX CartPole and Pendulum,
+`jaxrl_vla.envs.render`), or gymnasium's `render_mode="rgb_array"`. An env
+with none of these evaluates, and fails only when --video is asked.
+
 GIFs are written with pillow; .mp4 needs imageio with imageio-ffmpeg.
 Exit codes: 0 done, 2 bad arguments or an unusable run (missing directory,
-config or checkpoint; an env without rgb observations), nothing written.
+config or checkpoint; --video for an env that cannot render), nothing written.
 """
 
 from __future__ import annotations
@@ -23,13 +31,14 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
 
 CAPTION_HEIGHT = 40
 HOLD_FRAMES = 6  # extra copies of an episode's last frame, so the outcome is readable
+HOLD_SECONDS = 0.75  # ... and at least this long at fast frame rates
 
 
 class EvalError(Exception):
@@ -38,9 +47,10 @@ class EvalError(Exception):
 
 @dataclass
 class Episode:
-    """One recorded episode: frames [T+1, H, W, 3] and per-step rewards [T]."""
+    """One recorded episode: per-step rewards [T] and, when a video is made, frames uint8 [T+1, H, W, 3]
+    (the observation each action was taken from, then the one that ended the episode)."""
 
-    frames: np.ndarray
+    frames: np.ndarray | None
     rewards: np.ndarray
     success: bool | None
     instruction: str
@@ -130,6 +140,88 @@ def stats_from_dict(stats: Any) -> Any:
     return RunningStats(count=stats["count"], mean=stats["mean"], var=stats["var"])
 
 
+# ---------------------------------------------------------------------------- frames
+
+
+IMAGE_KEYS = ("rgb", "pixels", "image")  # preferred names of an image observation
+OBS_VIDEO_FPS = 8  # image-observation envs (VLReach, Meta-World): few, telling steps
+MAX_RENDER_SIDE = 320  # gymnasium renders larger than this are reduced (box filter) to keep videos small
+
+
+@dataclass(frozen=True)
+class FrameSource:
+    """Where an env's video frames come from, and the frame rate its video plays at by default.
+
+    kind "obs": the image observation at `path` (keys into the observation dict);
+    "state": `renderer` draws the JAX env's state (`jaxrl_vla.envs.render`);
+    "gymnasium": the host env's gymnasium envs made with render_mode="rgb_array".
+    """
+
+    kind: str
+    fps: int
+    path: tuple[str, ...] = ()
+    renderer: Any = None
+
+
+def image_path(space: Any, prefix: tuple[str, ...] = ()) -> tuple[str, ...] | None:
+    """The key path of an image in an observation space (a Box [H, W, C] or [C, H, W], C 1 or 3), or None.
+
+    A leaf named rgb / pixels / image wins; else the first uint8 image."""
+    found: list[tuple[tuple[str, ...], Any]] = []
+
+    def walk(node: Any, path: tuple[str, ...]) -> None:
+        if isinstance(node, dict):
+            for key, sub in node.items():
+                walk(sub, path + (str(key),))
+            return
+        shape = tuple(getattr(node, "shape", ()))
+        if len(shape) == 3 and (shape[-1] in (1, 3) or shape[0] in (1, 3)) and min(shape[:2] if shape[-1] in (1, 3) else shape[1:]) >= 8:
+            found.append((path, node))
+
+    walk(space, prefix)
+    for path, _ in found:
+        if path and path[-1] in IMAGE_KEYS:
+            return path
+    for path, leaf in found:
+        if np.dtype(getattr(leaf, "dtype", np.float32)) == np.uint8:
+            return path
+    return None
+
+
+def frame_source(env: Any) -> FrameSource:
+    """How `env`'s frames are made (see FrameSource); EvalError naming what is missing when it cannot render."""
+    from jaxrl_vla.envs.host import GymnasiumEnv, is_host_env
+    from jaxrl_vla.envs.render import renderer_for
+
+    path = image_path(env.observation_space)
+    if path is not None:
+        return FrameSource("obs", OBS_VIDEO_FPS, path=path)
+    if isinstance(env, GymnasiumEnv):
+        import gymnasium as gym
+
+        probe = gym.make(env.name, **env.kwargs)
+        try:
+            modes, fps = probe.metadata.get("render_modes", []), probe.metadata.get("render_fps")
+        finally:
+            probe.close()
+        if "rgb_array" not in modes:
+            raise EvalError(f"--video: gymnasium env {env.name!r} cannot render rgb_array frames "
+                            f"(its render modes: {list(modes)}); run without --video")
+        return FrameSource("gymnasium", int(fps or 30))
+    renderer = None if is_host_env(env) else renderer_for(env)
+    if renderer is not None:
+        return FrameSource("state", renderer.fps, renderer=renderer)
+    raise EvalError(f"--video: {env!r} cannot render: its observations hold no image (a uint8 [H, W, 3] leaf such "
+                    "as 'rgb' or 'pixels') and jaxrl_vla.envs.render has no drawing of it (CartPole-v1, Pendulum-v1); "
+                    "run without --video")
+
+
+def get_path(tree: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
 # ---------------------------------------------------------------------------- acting
 
 
@@ -152,29 +244,174 @@ def policy_collector(env: Any, act, chunk: int = 1):
     return compiler.jit(lambda keys: run_episodes(env, act, keys, chunk))
 
 
-def record_episodes(env: Any, collect, num_episodes: int, seed: int) -> list[Episode]:
-    """Run `num_episodes` episodes with a collector and keep each one's frames, rewards and outcome."""
+def record_episodes(env: Any, collect, num_episodes: int, seed: int, source: FrameSource | None = None) -> list[Episode]:
+    """Run `num_episodes` episodes of a JAX env with a collector and keep each one's rewards, outcome and,
+    with a `source`, frames."""
     from jaxrl_vla.tasks.demos import episode_keys
 
-    if not isinstance(env.observation_space, dict) or "rgb" not in env.observation_space:
-        raise EvalError(f"{type(env).__name__} has no 'rgb' observation to render")
     records = jax.device_get(collect(episode_keys(seed, 0, num_episodes)))
+    lengths = np.asarray(records["valid"]).sum(axis=1).astype(int)
+    frames, last = None, None
+    if source is not None and source.kind == "obs":
+        frames, last = get_path(records["obs"], source.path), get_path(records["final_obs"], source.path)
+    elif source is not None:  # drawn from the states: every step of every episode in one program
+        frames, last = source.renderer.draw(records["state"]), source.renderer.draw(records["final_state"])
+    if frames is not None:
+        from jaxrl_vla.envs.render import to_rgb_uint8
+
+        frames, last = to_rgb_uint8(jax.device_get(frames)), to_rgb_uint8(jax.device_get(last))
     episodes = []
     for e in range(num_episodes):
-        valid = np.asarray(records["valid"][e])
-        length = int(valid.sum())
-        frames = np.concatenate([records["obs"]["rgb"][e][:length], records["final_obs"]["rgb"][e][None]])
+        length = int(lengths[e])
+        video = None if frames is None else np.concatenate([frames[e][:length], last[e][None]])
         success = bool(records["success"][e][:length].any()) if getattr(env, "reports_success", False) else None
-        episodes.append(Episode(frames, records["reward"][e][:length], success, instruction_of(env, records["obs"], e)))
+        language = records["obs"] if isinstance(records["obs"], dict) else {}
+        episodes.append(Episode(video, records["reward"][e][:length], success,
+                                instruction_of(env, language, e, step_axis=True)))
     return episodes
 
 
-def instruction_of(env: Any, obs: dict, episode: int) -> str:
-    """The episode's instruction as text ('' for envs without language)."""
+def instruction_of(env: Any, obs: dict, episode: int, step_axis: bool) -> str:
+    """The episode's instruction as text ('' for envs without language); `obs` leaves are [E, T, ...]
+    (`step_axis`) or [E, ...]."""
     if "language" not in obs or not hasattr(env, "tokenizer"):
         return ""
-    ids, mask = obs["language"][episode][:1], obs["language_mask"][episode][:1]
+    ids, mask = np.asarray(obs["language"][episode]), np.asarray(obs["language_mask"][episode])
+    ids, mask = (ids[:1], mask[:1]) if step_axis else (ids[None], mask[None])
     return env.tokenizer().decode(ids, mask)[0]
+
+
+def host_policy_act_fn(policy: Any, params: Any, obs_stats: Any) -> Callable[[Any, jax.Array], np.ndarray]:
+    """`(obs [E, ...] numpy, key) -> actions [E, H, ...] numpy`: the policy's deterministic chunk, jitted
+    (the parameters are arguments, not constants baked into the program)."""
+    from jaxrl_vla.training.acting import act_chunk
+
+    act = jax.jit(lambda p, stats, obs, key: act_chunk(policy.apply, p, stats, obs, key, deterministic=True)[0])
+    return lambda obs, key: np.asarray(jax.device_get(act(params, obs_stats, obs, key)))
+
+
+class RenderedGymnasiumVecEnv:
+    """The host env protocol (`jaxrl_vla.envs.host`) over N gymnasium envs made with render_mode="rgb_array":
+    what GymnasiumVecEnv steps, plus `render()` of every copy and, in the step's info, "final_frame": the
+    frame of the state that ended an episode (SAME_STEP auto-reset would otherwise draw the next one)."""
+
+    def __init__(self, spec: Any, num_envs: int, seed: int):
+        import gymnasium as gym
+
+        self.spec, self.num_envs, self.seed = spec, int(num_envs), int(seed)
+        self._envs = [gym.make(spec.name, render_mode="rgb_array", **spec.kwargs) for _ in range(self.num_envs)]
+
+    def reset(self, seed: int | None = None) -> Any:
+        from jaxrl_vla.envs.host import _cast_like_space
+
+        base = self.seed if seed is None else seed
+        obs = [env.reset(seed=base + i)[0] for i, env in enumerate(self._envs)]
+        return _cast_like_space(stack_tree(obs), self.spec.observation_space)
+
+    def _action(self, action: np.ndarray) -> Any:
+        from jaxrl_vla.envs.base import Box
+
+        space = self.spec.action_space
+        return np.clip(action, space.low, space.high) if isinstance(space, Box) else int(action)
+
+    def step(self, actions: np.ndarray) -> tuple:
+        from jaxrl_vla.envs.host import _cast_like_space
+
+        obs, final_obs, final_frames, reward, terminated, truncated, success = [], [], [], [], [], [], []
+        for env, action in zip(self._envs, np.asarray(actions)):
+            o, r, term, trunc, info = env.step(self._action(action))
+            final_obs.append(o)
+            final_frames.append(self._frame(env) if term or trunc else None)
+            success.append(bool(info.get("success", info.get("is_success", False))))
+            if term or trunc:
+                o, _ = env.reset()
+            obs.append(o)
+            reward.append(r), terminated.append(term), truncated.append(trunc)
+        frames = [f for f in final_frames if f is not None]
+        blank = np.zeros_like(frames[0]) if frames else None
+        info = {"final_obs": _cast_like_space(stack_tree(final_obs), self.spec.observation_space),
+                "final_frame": None if blank is None else np.stack([blank if f is None else f for f in final_frames]),
+                "success": np.asarray(success)}
+        return (_cast_like_space(stack_tree(obs), self.spec.observation_space), np.asarray(reward, np.float32),
+                np.asarray(terminated, bool), np.asarray(truncated, bool), info)
+
+    def render(self) -> np.ndarray:
+        """uint8 [N, H, W, 3]: every copy's current frame."""
+        return np.stack([self._frame(env) for env in self._envs])
+
+    @staticmethod
+    def _frame(env: Any) -> np.ndarray:
+        import gymnasium as gym
+        from PIL import Image
+
+        try:
+            frame = np.asarray(env.render(), np.uint8)
+        except gym.error.DependencyNotInstalled as err:
+            raise EvalError(f"--video: gymnasium cannot render {env.spec.id if env.spec else env}: {err}") from None
+        factor = -(-max(frame.shape[:2]) // MAX_RENDER_SIDE)
+        return frame if factor <= 1 else np.asarray(Image.fromarray(frame[..., :3]).reduce(factor))
+
+    def close(self) -> None:
+        for env in self._envs:
+            env.close()
+
+
+def stack_tree(items: list[Any]) -> Any:
+    """A list of observations (arrays or dicts of them) -> one with a leading [N] axis."""
+    return jax.tree_util.tree_map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *items)
+
+
+def record_host_episodes(spec: Any, act: Callable, num_episodes: int, seed: int, chunk: int,
+                         source: FrameSource | None = None) -> list[Episode]:
+    """The first episode of each of `num_episodes` copies of a host env (gymnasium, TorchRL, Meta-World),
+    stepped together until every one has ended (or spec.max_episode_steps steps), acting with
+    `act(obs, key) -> actions [E, chunk, ...]`."""
+    from jaxrl_vla.envs.render import to_rgb_uint8
+
+    gymnasium_frames = source is not None and source.kind == "gymnasium"
+    venv = RenderedGymnasiumVecEnv(spec, num_episodes, seed) if gymnasium_frames else spec.make(num_episodes, seed)
+    max_steps = int(spec.max_episode_steps)
+    rewards = np.zeros((num_episodes, max_steps), np.float32)
+    lengths = np.zeros(num_episodes, int)
+    running = np.ones(num_episodes, bool)
+    success = np.zeros(num_episodes, bool)
+    reports_success = bool(getattr(spec, "reports_success", False))
+
+    def frames_of(obs: Any) -> np.ndarray | None:
+        if source is None:
+            return None
+        return venv.render() if gymnasium_frames else to_rgb_uint8(get_path(obs, source.path))
+
+    try:
+        obs = venv.reset(seed=seed)
+        first_obs = obs
+        frames = [frames_of(obs)]
+        key = jax.random.PRNGKey(seed)
+        while running.any() and int(lengths.max()) < max_steps:
+            key, act_key = jax.random.split(key)
+            actions = act(obs, act_key)
+            for j in range(chunk):
+                obs, reward, terminated, truncated, info = venv.step(actions[:, j])
+                rewards[running, lengths[running]] = reward[running]
+                lengths += running
+                ended = running & (terminated | truncated)
+                if "success" in info:
+                    reports_success = True
+                    success |= ended & np.asarray(info["success"], bool)
+                if source is not None:
+                    final = info["final_frame"] if gymnasium_frames else to_rgb_uint8(get_path(info["final_obs"], source.path))
+                    now = frames_of(obs)
+                    frames.append(np.where(ended[:, None, None, None], final, now) if ended.any() else now)
+                running &= ~ended
+                if not running.any() or int(lengths.max()) >= max_steps:
+                    break
+    finally:
+        venv.close()
+    language = first_obs if isinstance(first_obs, dict) else {}
+    video = None if source is None else np.stack(frames, axis=1)  # [E, steps + 1, H, W, 3]
+    return [Episode(None if video is None else video[e][: lengths[e] + 1], rewards[e][: lengths[e]],
+                    bool(success[e]) if reports_success else None, instruction_of(spec, language, e, step_axis=False))
+            for e in range(num_episodes)]
 
 
 # ---------------------------------------------------------------------------- drawing
@@ -209,8 +446,8 @@ def outcome(episode: Episode) -> tuple[str, tuple[int, int, int]]:
     return ("SUCCESS", (80, 230, 80)) if episode.success else ("FAILED", (240, 80, 80))
 
 
-def episode_frames(episode: Episode, index: int, scale: int) -> list[np.ndarray]:
-    """Captioned, upscaled frames of one episode, its last frame held for HOLD_FRAMES."""
+def episode_frames(episode: Episode, index: int, scale: int, hold: int = HOLD_FRAMES) -> list[np.ndarray]:
+    """Captioned, upscaled frames of one episode, its last frame held for `hold` more frames."""
     caption = f'"{episode.instruction}"' if episode.instruction else f"episode {index}"
     returns = np.concatenate([[0.0], np.cumsum(episode.rewards)])
     out = []
@@ -219,7 +456,7 @@ def episode_frames(episode: Episode, index: int, scale: int) -> list[np.ndarray]
         status, colour = outcome(episode) if last else ("", (200, 200, 200))
         line = f"ep {index}  t={t}  return {returns[t]:+.2f}  {status}".rstrip()
         out.append(captioned(upscale(frame, scale), [caption, line], colour))
-    return out + [out[-1]] * HOLD_FRAMES
+    return out + [out[-1]] * hold
 
 
 def check_video_backend(path: Path) -> None:
@@ -263,7 +500,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--video", help="output .gif or .mp4 (omit to only print returns)")
     parser.add_argument("--episodes", type=int, default=4, help="evaluation episodes (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the episodes' resets (default 0)")
-    parser.add_argument("--fps", type=int, default=8, help="video frames per second (default 8)")
+    parser.add_argument("--fps", type=int, default=0,
+                        help="video frames per second (default 0: the env's, e.g. 50 for CartPole, 8 for image observations)")
     parser.add_argument("--scale", type=int, default=0, help="upscaling factor (default: to about 256 pixels)")
     return parser.parse_args(argv)
 
@@ -289,8 +527,8 @@ def expert_env(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> list[Episode]:
     """Record the episodes that the arguments ask for and write the video if requested."""
-    if args.episodes < 1 or args.fps < 1 or args.scale < 0:
-        raise EvalError("--episodes and --fps must be >= 1, --scale >= 0")
+    if args.episodes < 1 or args.fps < 0 or args.scale < 0:
+        raise EvalError("--episodes must be >= 1, --fps and --scale >= 0")
     if not args.run and not args.expert:
         raise EvalError("give --run RUN_DIR (or --expert to record the scripted expert)")
     if args.video:
@@ -301,30 +539,39 @@ def run(args: argparse.Namespace) -> list[Episode]:
         env = expert_env(args)
         if not hasattr(env, "expert_action"):
             raise EvalError(f"{type(env).__name__} has no scripted expert (expert_action)")
-        collect, who = expert_collector(env, 0.0), "scripted expert"
+        source = frame_source(env) if args.video else None
+        episodes = record_episodes(env, expert_collector(env, 0.0), args.episodes, args.seed, source)
+        who = "scripted expert"
     else:
+        from jaxrl_vla.envs.host import is_host_env
         from jaxrl_vla.models.policy import action_chunk_size
 
         loaded = load_run(args.run)
-        env = loaded.env
-        act = policy_act_fn(loaded.policy, loaded.params, loaded.obs_stats)
-        collect = policy_collector(env, act, action_chunk_size(loaded.policy))
+        env, chunk = loaded.env, action_chunk_size(loaded.policy)
+        source = frame_source(env) if args.video else None  # before any episode runs: nothing written on error
+        if is_host_env(env):
+            act = host_policy_act_fn(loaded.policy, loaded.params, loaded.obs_stats)
+            episodes = record_host_episodes(env, act, args.episodes, args.seed, chunk, source)
+        else:
+            act = policy_act_fn(loaded.policy, loaded.params, loaded.obs_stats)
+            episodes = record_episodes(env, policy_collector(env, act, chunk), args.episodes, args.seed, source)
         who = f"{args.run} @ iteration {loaded.iteration}"
-    episodes = record_episodes(env, collect, args.episodes, args.seed)
     print(f"{who}: {args.episodes} episodes")
     for i, ep in enumerate(episodes):
         result = "" if ep.success is None else ("  success" if ep.success else "  failure")
-        print(f"  episode {i}: return {ep.episode_return:+.3f}  length {len(ep.rewards)}{result}  {ep.instruction}")
+        print(f"  episode {i}: return {ep.episode_return:+.3f}  length {len(ep.rewards)}{result}  {ep.instruction}".rstrip())
     returns = [ep.episode_return for ep in episodes]
     summary = f"mean return {np.mean(returns):+.3f}"
     if episodes[0].success is not None:
         summary += f", success rate {np.mean([ep.success for ep in episodes]):.0%}"
     print(summary)
     if args.video:
-        size = episodes[0].frames.shape[1]
+        size = max(episodes[0].frames.shape[1:3])
         scale = args.scale or max(1, 256 // size)
-        frames = [f for i, ep in enumerate(episodes) for f in episode_frames(ep, i, scale)]
-        write_video(Path(args.video), frames, args.fps)
+        fps = args.fps or source.fps
+        hold = max(HOLD_FRAMES, round(HOLD_SECONDS * fps))
+        frames = [f for i, ep in enumerate(episodes) for f in episode_frames(ep, i, scale, hold)]
+        write_video(Path(args.video), frames, fps)
         print(f"wrote {args.video} ({len(frames)} frames)")
     return episodes
 
