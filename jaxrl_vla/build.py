@@ -201,6 +201,7 @@ def trainer_kwargs(cfg: dict) -> dict:
         output_dir=t["output_dir"],
         exp_name=t["exp_name"],
         normalize_observations=t["normalize_observations"],
+        normalize_rewards=t["normalize_rewards"],
         progress=t["progress"],
         iterations_per_call=t["iterations_per_call"],
         mesh=dict(t["mesh"]),

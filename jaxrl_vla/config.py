@@ -83,6 +83,7 @@ SCHEMA: dict[str, Any] = {
         "exp_name": Field(str, "run", "run directory name prefix: OUTPUT_DIR/EXP_NAME-YYYYmmdd-HHMMSS", lambda v: is_safe_run_name(v), "a plain name: no path separators or '..', not empty"),
         "output_dir": Field(str, "runs", "parent directory of run directories"),
         "normalize_observations": Field(bool, False, "normalise float observations by running mean/std kept in the checkpointed state"),
+        "normalize_rewards": Field(bool, False, "divide the rewards PPO learns from by the running standard deviation of each env's discounted return (gamma: algorithm.cfg.gamma), clipped to +-10, as SB3's VecNormalize does; the statistics live in the checkpointed state, and logged episode returns stay unscaled. Standard mode, PPO, JAX-native envs"),
         "num_collectors": Field(int, 1, "vla mode: collector threads, each with its own envs", _pos, "> 0"),
         "env_step_timeout": Field((int, float), 60.0, "vla mode: seconds an env step or inference may take before the run fails", _pos, "> 0"),
         "progress": Field(bool, True, "show the progress bar"),

@@ -10,7 +10,7 @@ import optax
 from flax import struct
 
 from jaxrl_vla.algo import ppo
-from jaxrl_vla.training.normalizer import RunningStats, normalize, update_stats
+from jaxrl_vla.training.normalizer import RewardStats, RunningStats, normalize, update_stats
 from jaxrl_vla.types import Demonstrations, Transition
 
 
@@ -21,6 +21,7 @@ class TrainState:
     env_state / obs hold the JAX-native envs' state (None for host envs, whose
     state lives outside JAX and restarts on resume). ref_params: the reference
     (starting) policy a KL penalty pulls towards (GRPO's kl_coef > 0), else None.
+    reward_stats: the reward scaling's running returns and moments (trainer.normalize_rewards), else None.
     """
 
     params: Any
@@ -32,6 +33,7 @@ class TrainState:
     env_state: Any = None
     obs: Any = None
     ref_params: Any = None
+    reward_stats: RewardStats | None = None
 
 
 def initial_train_state(

@@ -1,8 +1,9 @@
-"""Running observation statistics kept in the training state (as Brax does),
-not inside an env wrapper, so they are checkpointed and restored with it.
+"""Running observation and reward statistics kept in the training state (as Brax
+does), not inside an env wrapper, so they are checkpointed and restored with it.
 
-Only floating-point leaves are normalised; images (uint8) and token ids pass
-through untouched.
+Only floating-point observation leaves are normalised; images (uint8) and token
+ids pass through untouched. Rewards are scaled as SB3's VecNormalize does
+(`scale_rewards`).
 """
 
 from __future__ import annotations
@@ -75,3 +76,56 @@ def normalize(stats: RunningStats | None, obs: Any, clip: float = 10.0) -> Any:
         for x, m, v in zip(leaves, means, variances)
     ]
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+# VecNormalize's constants: RunningMeanStd(epsilon=1e-4) starts its count there, and rewards are
+# divided by sqrt(var + 1e-8) and clipped to +-10.
+REWARD_COUNT_INIT = 1e-4
+REWARD_EPSILON = 1e-8
+REWARD_CLIP = 10.0
+
+
+@struct.dataclass
+class RewardStats:
+    """Reward scaling state: each env's running discounted return and the running moments of those returns.
+
+    Why the return and not the reward: the value targets are returns, and their scale is what the
+    critic's regression and the advantages see; dividing rewards by the return's std brings it near 1
+    whatever the env's reward units (SB3's VecNormalize, Engstrom et al. 2020's "reward scaling")."""
+
+    returns: jax.Array  # [N] float32 discounted return so far in each env's current episode
+    count: jax.Array
+    mean: jax.Array
+    var: jax.Array
+
+
+def init_reward_stats(num_envs: int) -> RewardStats:
+    """VecNormalize's starting point: zero returns, mean 0, var 1, count 1e-4."""
+    return RewardStats(jnp.zeros((num_envs,), jnp.float32), jnp.asarray(REWARD_COUNT_INIT, jnp.float32),
+                       jnp.zeros((), jnp.float32), jnp.ones((), jnp.float32))
+
+
+def scale_rewards(stats: RewardStats, rewards: jax.Array, dones: jax.Array, gamma: float,
+                  clip: float = REWARD_CLIP) -> tuple[RewardStats, jax.Array]:
+    """Scale a rollout's rewards [T, N] step by step as VecNormalize does, by `lax.scan` over T:
+
+        returns = returns * gamma + reward;  merge the N returns into (count, mean, var)
+        reward' = clip(reward / sqrt(var + 1e-8), -clip, clip);  returns = 0 where done
+
+    `dones` [T, N]: the episode ended at that step (terminated or truncated). The mean is tracked
+    but not subtracted (a shifted reward would change what the agent optimises). Scaling after the
+    rollout gives what scaling inside each env step would: the actions never see it."""
+
+    def step(s: RewardStats, inputs: tuple[jax.Array, jax.Array]) -> tuple[RewardStats, jax.Array]:
+        reward, done = inputs
+        returns = s.returns * gamma + reward
+        batch_count = jnp.asarray(returns.shape[0], jnp.float32)
+        total = s.count + batch_count
+        delta = returns.mean() - s.mean
+        mean = s.mean + delta * batch_count / total
+        m2 = s.var * s.count + returns.var() * batch_count + delta**2 * s.count * batch_count / total
+        var = m2 / total
+        scaled = jnp.clip(reward / jnp.sqrt(var + REWARD_EPSILON), -clip, clip)
+        return RewardStats(jnp.where(done, 0.0, returns), total, mean, var), scaled
+
+    return jax.lax.scan(step, stats, (rewards.astype(jnp.float32), dones))
