@@ -75,7 +75,7 @@ from jaxrl_vla.envs.wrappers import VecEnv
 from jaxrl_vla.models.policy import zeros_like_obs
 from jaxrl_vla.models.vla_policy import auxiliary_loss
 from jaxrl_vla.training import compiler, sharding
-from jaxrl_vla.training.acting import act_chunk, state_value, value_where
+from jaxrl_vla.training.acting import act_chunk_with_info, state_value, value_where
 from jaxrl_vla.training.learner import TrainState, initial_train_state, make_learn_fn
 from jaxrl_vla.training.normalizer import init_stats
 from jaxrl_vla.training.rollout import EpisodeStats, make_evaluate_fn
@@ -186,7 +186,8 @@ class Collector:
         """One inference, then its H actions in order; returns the steps written."""
         snap = self.store.snapshot()
         chunk_obs = self.obs
-        actions, log_probs, values = self._timed("policy inference", self.infer, snap, chunk_obs, self.key, self.inferences)
+        actions, log_probs, values, sample_info = self._timed("policy inference", self.infer, snap, chunk_obs, self.key,
+                                                              self.inferences)
         self.inferences += 1
         n = self.num_envs
         version = np.full(n, snap.version, np.int32)
@@ -211,6 +212,7 @@ class Collector:
                 final_value=np.asarray(final_value, self.value_dtype),
                 chunk_index=np.full(n, j, np.int32),
                 policy_version=version,
+                sample_info=sample_info,  # a token / flow head's sample: the same for every step of the chunk
             )
             self.buffer.add(transition, obs)  # waits while the learner has not taken a full buffer
             self.steps_written += 1
@@ -359,6 +361,11 @@ class AsyncTrainer(Trainer):
         self.num_collectors = int(num_collectors) if self.async_mode else 1
         self.env_step_timeout = float(env_step_timeout)
         self.host_env = as_host_env(env)
+        fixed = getattr(self.host_env, "fixed_num_envs", None)
+        if fixed is not None and self.num_envs // self.num_collectors != fixed:
+            raise ValueError(f"trainer.num_envs: {self.host_env!r} holds {fixed} env copies, so each of the "
+                             f"{self.num_collectors} collector(s) steps {fixed}: num_envs must be "
+                             f"{fixed * self.num_collectors}, got {self.num_envs} (or pass a factory of the env)")
         if steps % self.chunk:
             raise ValueError(f"policy.action_chunk ({self.chunk}) must divide the steps per env per iteration ({steps})")
         self.store = PolicyStore()
@@ -385,7 +392,8 @@ class AsyncTrainer(Trainer):
         apply_fn = self.policy.apply
 
         def act(params, obs_stats, obs, key, counter, deterministic=False):
-            return act_chunk(apply_fn, params, obs_stats, obs, jax.random.fold_in(key, counter), deterministic)
+            return act_chunk_with_info(apply_fn, params, obs_stats, obs, jax.random.fold_in(key, counter),
+                                       deterministic)
 
         learn_fn = make_learn_fn(apply_fn, self.optimizer, self.cfg, self.trainable_mask, self.minibatch_sharding,
                                  auxiliary_loss(self.policy))
@@ -417,7 +425,7 @@ class AsyncTrainer(Trainer):
 
     def infer(self, snapshot: PolicySnapshot, obs: PyTree, key: jax.Array, counter: int):
         """One policy inference for a collector: numpy (actions [n, H, ...], log_probs [n, H],
-        values [n, H]). The one place a slow model spends its time (the benchmark
+        values [n, H], sample_info: None or a token / flow head's sample). The one place a slow model spends its time (the benchmark
         adds its latency here)."""
         out = self._act(snapshot.params, snapshot.obs_stats, obs, key, np.uint32(counter))
         return jax.device_get(out)
@@ -437,7 +445,7 @@ class AsyncTrainer(Trainer):
     def _example_step(self, num_envs: int) -> tuple[Transition, PyTree]:
         """A zero Transition [num_envs, ...] with the dtypes acting produces, and a zero obs."""
         obs = jax.tree_util.tree_map(np.asarray, zeros_like_obs(self.host_env.observation_space, num_envs))
-        actions, log_probs, values = jax.eval_shape(
+        actions, log_probs, values, sample_info = jax.eval_shape(
             self._act_fn, self.state.params, self.state.obs_stats, obs, jax.random.PRNGKey(0), np.uint32(0)
         )
         n = num_envs
@@ -452,6 +460,7 @@ class AsyncTrainer(Trainer):
             final_value=np.zeros(n, values.dtype),
             chunk_index=np.zeros(n, np.int32),
             policy_version=np.zeros(n, np.int32),
+            sample_info=jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), sample_info),
         )
         return step, obs
 
@@ -485,7 +494,7 @@ class AsyncTrainer(Trainer):
                           jax.random.fold_in(base_key, c), example.value.dtype)
             )
         if is_host_env(self.env) and self.eval_freq > 0:
-            self._eval_env = self.host_env.make(self.num_eval_episodes, self.seed + 1)
+            self._eval_env = self.host_env.make(self._eval_copies(), self.seed + 1)
         if self.async_mode:
             for collector in self.collectors:
                 collector.start(self._collect_stop)
@@ -615,6 +624,11 @@ class AsyncTrainer(Trainer):
     def episode_limit(self) -> int:
         return self.max_episode_steps or int(self.host_env.max_episode_steps)
 
+    def _eval_copies(self) -> int:
+        """Env copies evaluation runs at once: num_eval_episodes, or the count of an env object that
+        holds a fixed number of copies (then rounds of them, see `evaluate`)."""
+        return int(getattr(self.host_env, "fixed_num_envs", None) or self.num_eval_episodes)
+
     # ------------------------------------------------------------------ evaluation
 
     def _env_reports_success(self) -> bool:
@@ -627,7 +641,7 @@ class AsyncTrainer(Trainer):
         if not is_host_env(self.env):
             return super().evaluate()
         if self._eval_env is None:
-            self._eval_env = self.host_env.make(self.num_eval_episodes, self.seed + 1)
+            self._eval_env = self.host_env.make(self._eval_copies(), self.seed + 1)
         key = jax.random.PRNGKey(self.seed + 1)
 
         def act(obs: PyTree, i: int) -> np.ndarray:
@@ -635,8 +649,12 @@ class AsyncTrainer(Trainer):
             return np.asarray(jax.device_get(out[0]))
 
         max_chunks = math.ceil(self.episode_limit() / self.chunk)
-        stats, successes = first_episodes(self._eval_env, act, max_chunks, self.seed + 1)
-        self._warn_unfinished(int(stats.count))
+        copies = self._eval_copies()
+        rounds = math.ceil(self.num_eval_episodes / copies)  # > 1 only for an env of a fixed copy count
+        parts = [first_episodes(self._eval_env, act, max_chunks, self.seed + 1 + 7919 * r) for r in range(rounds)]
+        stats = jax.tree_util.tree_map(lambda *xs: np.float32(sum(xs)), *[p[0] for p in parts])
+        successes = [flag for p in parts for flag in p[1]]
+        self._warn_unfinished(int(stats.count) + self.num_eval_episodes - rounds * copies)
         out = episode_summary(stats, prefix="eval/")
         if successes:
             out["eval/success_rate"] = float(np.mean(successes))
