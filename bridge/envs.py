@@ -1000,7 +1000,7 @@ class TorchRLEnv:
         tokenizer: Any = None,
         copy_factory: Callable | None = None,
         obs_keys: Sequence[Any] | None = None,
-        owns_probe: bool = True,
+        probe_num_envs: int = 1,
     ):
         if batching not in BATCHING:
             raise ConfigError(f"env.batching: {batching!r} must be one of {', '.join(map(repr, BATCHING))}")
@@ -1014,14 +1014,15 @@ class TorchRLEnv:
         self.batching = batching
         self.env_kwargs = dict(env_kwargs or {})
         self.copy_obs = bool(copy_obs)
-        probe = factory(num_envs=1, **self.env_kwargs) if native else per_copy_factory(self.source, self.env_kwargs)()
+        probe = (factory(num_envs=probe_num_envs, **self.env_kwargs) if native
+                 else per_copy_factory(self.source, self.env_kwargs)())
         try:
             self.tokenizer = resolve_tokenizer(tokenizer, probe)
             layout = torchrl_layout(probe, self.tokenizer)
             self.layout = replace(layout, obs_leaves=select_obs_leaves(layout.obs_leaves, obs_keys))
             steps = max_episode_steps or discover_max_steps(probe)
         finally:
-            if owns_probe:
+            if not getattr(probe, "is_closed", False):  # a SerialEnv that never started counts as closed
                 probe.close()
         self.steps_declared = steps is not None  # False: DEFAULT_MAX_EPISODE_STEPS is a guess, no time limit
         self.observation_space = self.layout.observation_space
@@ -1029,12 +1030,13 @@ class TorchRLEnv:
         self.max_episode_steps = int(steps or DEFAULT_MAX_EPISODE_STEPS)
 
     @classmethod
-    def from_source(cls, source: TorchRLSource, options: dict, env_kwargs: dict) -> "TorchRLEnv":
+    def from_source(cls, source: TorchRLSource, options: dict, env_kwargs: dict, probe_num_envs: int = 1) -> "TorchRLEnv":
         steps = options.get("max_episode_steps", source.max_episode_steps)
         return cls(
             source.factory, native=source.native, batching=options.get("batching", "auto"), label=source.label,
             env_kwargs=env_kwargs, max_episode_steps=steps, copy_obs=options.get("copy_obs", False),
             tokenizer=options.get("tokenizer"), copy_factory=source.copy_factory, obs_keys=options.get("obs_keys"),
+            probe_num_envs=probe_num_envs,
         )
 
     def make(self, num_envs: int, seed: int) -> TorchRLVecEnv:
@@ -1175,7 +1177,7 @@ class TensorDictVecEnv:
 class TensorDictEnv:
     """`HostEnvSpec` for seed-contract envs: `factory(num_envs=N, **env_kwargs)` builds one.
 
-    The spec is read once from a probe env with num_envs=1 (see
+    The spec is read once from a probe env of `probe_num_envs` copies (see
     `TensorDictVecEnv` for the contract and the module docstring for key discovery).
     """
 
@@ -1192,13 +1194,14 @@ class TensorDictEnv:
         tokenizer: Any = None,
         final_obs_key: str | None = None,
         obs_keys: Sequence[Any] | None = None,
+        probe_num_envs: int = 1,
     ):
         self.factory = factory
         self.label = label or getattr(factory, "__name__", repr(factory))
         self.env_kwargs = dict(env_kwargs or {})
         self.copy_obs = bool(copy_obs)
         self.final_obs_key = final_obs_key
-        probe = self._build(1)
+        probe = self._build(probe_num_envs)
         try:
             self.tokenizer = resolve_tokenizer(tokenizer, probe)
             obs, _ = seed_reset(probe, 0)
@@ -1240,7 +1243,7 @@ def _has_var_kwargs(fn: Callable) -> bool:
 # --------------------------------------------------------------------------- entry point
 
 
-def make_torch_env(name: str | Callable, kind: str, **kwargs: Any) -> TorchRLEnv | TensorDictEnv:
+def make_torch_env(name: str | Callable, kind: str, probe_num_envs: int = 1, **kwargs: Any) -> TorchRLEnv | TensorDictEnv:
     """The host env spec for `env.type` "torchrl" or "tensordict" (naming and options above).
 
     `name` may also be a callable (Python API): a TorchRL factory or a
@@ -1262,7 +1265,7 @@ def make_torch_env(name: str | Callable, kind: str, **kwargs: Any) -> TorchRLEnv
             if steps is not None and (source.copy_factory is not None or accepts(source.factory, "max_episode_steps")):
                 env_kwargs["max_episode_steps"] = steps  # the env applies the time limit too
             check_env_kwargs(source.copy_factory or source.factory, env_kwargs)
-            return TorchRLEnv.from_source(source, options, env_kwargs)
+            return TorchRLEnv.from_source(source, options, env_kwargs, probe_num_envs)
         factory = name if callable(name) else load_callable(name, "env.name")
         if steps is not None and accepts(factory, "max_episode_steps"):
             env_kwargs["max_episode_steps"] = steps
@@ -1272,6 +1275,7 @@ def make_torch_env(name: str | Callable, kind: str, **kwargs: Any) -> TorchRLEnv
             env_kwargs=env_kwargs, max_episode_steps=steps,
             copy_obs=options.get("copy_obs", False), tokenizer=options.get("tokenizer"),
             final_obs_key=options.get("final_obs_key"), obs_keys=options.get("obs_keys"),
+            probe_num_envs=probe_num_envs,
         )
     except UnsupportedSpecError as err:
         raise ConfigError(f"env.name: {name}: {err}") from err
@@ -1284,32 +1288,53 @@ def is_torch_env(env: Any) -> bool:
     return isinstance(env, EnvBase) or (hasattr(env, "num_envs") and hasattr(env, "step") and hasattr(env, "reset"))
 
 
+def _copies_of(env: Any, batched: bool) -> Callable:
+    """A factory of deep copies of `env` (the object itself is never stepped); ConfigError if it cannot be copied."""
+    try:
+        copy.deepcopy(env)
+    except Exception as err:  # noqa: BLE001 - named for the user, who can pass a factory instead
+        raise ConfigError(f"env: {type(env).__name__} cannot be copied ({type(err).__name__}: {err}); pass a "
+                          "factory that builds one (env=lambda: ...)") from None
+
+    def copies(num_envs: int) -> Any:  # a batched env: always its own count (batched_env checks it)
+        return copy.deepcopy(env)
+
+    def one_copy() -> Any:
+        return copy.deepcopy(env)
+
+    factory = copies if batched else one_copy
+    factory.__name__ = type(env).__name__
+    return factory
+
+
 def as_torch_env(env: Any, **options: Any) -> TorchRLEnv | TensorDictEnv:
     """The host env spec for a TorchRL / TensorDict env a user holds (Python API: `Trainer(..., env=...)`).
 
-    `env` is an unbatched TorchRL `EnvBase` object (its copies are deep copies, one per env:
-    the object itself is never stepped, so training's num_envs copies and evaluation's
-    num_eval_episodes never share its state), or a factory: a TorchRL factory, or a seed-contract
-    factory `factory(num_envs=N)`. `options` are the adapter options of `make_torch_env`
-    (`obs_keys`, `max_episode_steps`, ...). A batched object (batch_size [N], or a seed-contract
-    env with num_envs) cannot make copies of other sizes: its factory is needed instead.
+    `env` is a TorchRL `EnvBase` or seed-contract env object, or a factory of one (a TorchRL
+    factory, or a seed-contract `factory(num_envs=N)`). An object is never stepped itself: the
+    trainer steps deep copies of it (training's and evaluation's copies never share state). An
+    unbatched `EnvBase` is one copy (SerialEnv batches num_envs of them); a batched object (batch_size
+    [N], or a seed-contract env of num_envs N) holds N copies, so trainer.num_envs (per collector)
+    is N and evaluation runs rounds of N episodes (`fixed_num_envs`). `options` are the adapter
+    options of `make_torch_env` (`obs_keys`, `max_episode_steps`, ...).
     """
     from torchrl.envs import EnvBase
 
-    if isinstance(env, EnvBase):
-        if tuple(env.batch_size):
-            raise ConfigError(f"env: {type(env).__name__} is batched (batch_size {list(env.batch_size)}), so copies of "
-                              "other sizes (evaluation's) cannot be made from it; pass its factory instead "
-                              "(env=lambda num_envs: ..., or an unbatched env)")
-        try:
-            copy.deepcopy(env)
-        except Exception as err:  # noqa: BLE001 - named for the user, who can pass a factory instead
-            raise ConfigError(f"env: {type(env).__name__} cannot be copied ({type(err).__name__}: {err}); pass a "
-                              "factory that builds one (env=lambda: ...)") from None
-        factory = partial(copy.deepcopy, env)
-        factory.__name__ = type(env).__name__  # type: ignore[attr-defined]
-        return make_torch_env(factory, "torchrl", **options)
-    if callable(env) and not hasattr(env, "step"):
+    if isinstance(env, EnvBase) and not tuple(env.batch_size):
+        return make_torch_env(_copies_of(env, batched=False), "torchrl", **options)
+    if isinstance(env, EnvBase) or (hasattr(env, "num_envs") and hasattr(env, "step")):
+        count = int(env.batch_size[0]) if isinstance(env, EnvBase) else int(env.num_envs)
+        if isinstance(env, EnvBase) and len(env.batch_size) != 1:
+            raise ConfigError(f"env: {type(env).__name__} has batch_size {list(env.batch_size)}; one batch dimension "
+                              "(the env copies) is supported")
+        factory = _copies_of(env, batched=True)
+        if isinstance(env, EnvBase):
+            options = {"batching": "native", **options}
+        spec = make_torch_env(factory, "torchrl" if isinstance(env, EnvBase) else "tensordict",
+                              probe_num_envs=count, **options)
+        spec.fixed_num_envs = spec.default_num_envs = count
+        return spec
+    if callable(env):
         probe = env(num_envs=1) if accepts(env, "num_envs") else env()
         try:
             kind = "torchrl" if isinstance(probe, EnvBase) else "tensordict"
@@ -1318,6 +1343,4 @@ def as_torch_env(env: Any, **options: Any) -> TorchRLEnv | TensorDictEnv:
             if callable(close):
                 close()
         return make_torch_env(env, kind, **options)
-    raise ConfigError(f"env: a {type(env).__name__} object holds num_envs copies already; pass its factory "
-                      "(env=lambda num_envs: ...: the trainer makes num_envs copies to train and "
-                      "num_eval_episodes to evaluate)")
+    raise ConfigError(f"env: a {type(env).__name__} is neither a TorchRL / TensorDict env nor a factory of one")

@@ -183,3 +183,23 @@ def test_torchrl_env_object_with_obs_keys_and_an_endless_episode_warning(tmp_pat
     with pytest.warns(RuntimeWarning, match="32 steps without ending, past the episode limit of 16"):
         trainer.train(total_timesteps=64)
     assert int(trainer.state.global_step) == 64
+
+
+def test_batched_torch_env_objects_train_and_evaluate_in_rounds(tmp_path):
+    pytest.importorskip("torchrl")
+    from torchrl.envs import PendulumEnv, SerialEnv
+
+    from bridge.testing_envs import TargetReachTD
+    from jaxrl_vla.envs.base import Box
+
+    seed_env = TargetReachTD(num_envs=2, max_episode_steps=8)  # the seed's TensorDict contract, 2 copies
+    trainer = Trainer(ActorCritic(Box(-1.0, 1.0, (2,)), (16,)), seed_env, SMALL, obs_keys=["robot"],
+                      buffer_size=32, output_dir=tmp_path, progress=False, eval_freq=1, num_eval_episodes=3,
+                      save_freq=0)
+    assert trainer.num_envs == 2 and sorted(trainer.env.observation_space["robot"]) == ["pos", "steps"]
+    trainer.train(total_timesteps=64)
+    (record,) = metrics(trainer.run_dir)
+    assert record["eval/episodes"] == 4  # two rounds of the env's 2 copies cover 3 episodes
+    with pytest.raises(ValueError, match="holds 3 env copies.*num_envs must be 3, got 2"):
+        Trainer(ActorCritic(make_env("Pendulum-v1").action_space, (16,)), SerialEnv(3, PendulumEnv), SMALL,
+                obs_keys=["th", "thdot"], num_envs=2, buffer_size=32, output_dir=tmp_path)

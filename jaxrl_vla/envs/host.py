@@ -54,8 +54,8 @@ sampled action, whose log-prob PPO re-scores).
 
 from __future__ import annotations
 
-import difflib
 import functools
+import sys
 from typing import Any, Callable, Protocol, runtime_checkable
 
 import jax
@@ -374,6 +374,10 @@ def as_trainer_env(env: Any, obs_keys: Any = None) -> Any:
         if obs_keys is not None:
             raise ValueError("obs_keys: give it with the env's options (a config's env.obs_keys), not with an env id")
         return build_env({"name": env})
+    if _from_module(env, "torchrl"):  # first: a SerialEnv's __getattr__ recurses on any probe before it starts
+        from bridge.envs import as_torch_env
+
+        return as_torch_env(env, **({} if obs_keys is None else {"obs_keys": list(obs_keys)}))
     if is_host_env(env) or _is_jax_env(env):
         if obs_keys is not None:
             raise ValueError(f"obs_keys: {type(env).__name__} is built already; pass obs_keys where it is made "
@@ -381,7 +385,8 @@ def as_trainer_env(env: Any, obs_keys: Any = None) -> Any:
         return env
     if _from_module(env, "gymnasium"):
         return GymnasiumEnv.from_object(env)
-    if _from_module(env, "torchrl", "tensordict") or (callable(env) and obs_keys is not None):
+    seed_contract = all(hasattr(env, name) for name in ("num_envs", "reset", "step")) and "tensordict" in sys.modules
+    if _from_module(env, "torchrl", "tensordict") or seed_contract or (callable(env) and obs_keys is not None):
         from bridge.envs import as_torch_env
 
         return as_torch_env(env, **({} if obs_keys is None else {"obs_keys": list(obs_keys)}))
