@@ -76,6 +76,10 @@ class RunLogger:
 
     LINGER_SECS = 0.05  # a wake-up waits this long for more records (close ends the wait)
     TB_FLUSH_SECS = 2.0  # the event file is flushed at most this often, and on close
+    # Until the first record arrives the first call is compiling (seconds on a laptop, minutes for a VLA):
+    # the bar says so from the start; without a terminal one line says so after this long
+    COMPILING_TEXT = "compiling…"
+    COMPILING_NOTE_SECS = 2.0
 
     def __init__(self, run_dir: Path, total_iterations: int, start_iteration: int = 0, progress: bool = True,
                  start_step: int | None = None):
@@ -107,10 +111,31 @@ class RunLogger:
                 disable=not sys.stderr.isatty(),
             )
             self._task = self._progress.add_task(
-                "train", total=total_iterations, completed=start_iteration, sps="-", ret="-", extra=""
+                "train", total=total_iterations, completed=start_iteration, sps="-", ret="-",
+                extra=f"[yellow]{self.COMPILING_TEXT}",
             )
             self._progress.start()
         self._last_line = 0.0
+        self._start_iteration = start_iteration
+        self._compiling = True  # no record yet
+        self._compiling_note: threading.Timer | None = None
+        if self._progress is not None and self._progress.disable:
+            self._compiling_note = threading.Timer(self.COMPILING_NOTE_SECS, self._note_compiling)
+            self._compiling_note.daemon = True
+            self._compiling_note.start()
+
+    def _note_compiling(self) -> None:
+        """Without a terminal: say why nothing moves yet (the timer's thread, once)."""
+        if self._compiling:
+            self.console.print(f"iter {self._start_iteration}: {self.COMPILING_TEXT} (the first iteration's program; "
+                               "training starts when XLA has it)")
+
+    def _compiled(self) -> None:
+        self._compiling = False
+        if self._compiling_note is not None:
+            self._compiling_note.cancel()
+        if self._progress is not None:
+            self._progress.update(self._task, extra="")
 
     def log(self, record: dict[str, Any]) -> None:
         if self._error is not None:
@@ -160,6 +185,8 @@ class RunLogger:
         raise RuntimeError(f"writing {self.run_dir / 'metrics.jsonl'} or tensorboard/ failed") from self._error
 
     def _show(self, record: dict[str, Any]) -> None:
+        if self._compiling:
+            self._compiled()
         ret = record.get("episode_return_mean")
         ret_text = "-" if ret is None else f"{ret:.1f}"
         extra = ""
@@ -182,6 +209,7 @@ class RunLogger:
     def close(self) -> None:
         """Write everything logged so far, then close the files; raises the
         writer thread's error if `log` has not raised it already."""
+        self._compiled()
         self._records.put(None)
         self._closing.set()
         self._file_thread.join()

@@ -178,6 +178,18 @@ def loop_iterations(
     return jax.tree_util.tree_unflatten(treedef, leaves), reports, steps
 
 
+def learning_rate_per_iteration(cfg: ppo.PPOConfig, total_iterations: int, samples_per_iteration: int) -> np.ndarray:
+    """[total_iterations]: the optax schedule's rate at each iteration's first gradient step, what
+    metrics.jsonl logs as `learning_rate` (computed once: a lookup per record, no device call).
+
+    It is the base rate (policy.lr_scale multiplies it per module); with target_kl, masked updates
+    do not advance Adam's counter, so a decaying rate actually applied lags this nominal one."""
+    per_iteration = cfg.n_epochs * cfg.num_minibatches(samples_per_iteration)
+    schedule = ppo.learning_rate_schedule(cfg, total_iterations * per_iteration)
+    steps = jnp.arange(total_iterations) * per_iteration
+    return np.asarray(jax.device_get(jax.vmap(schedule)(steps)), np.float64)  # vmap: a constant comes out [N] too
+
+
 def episode_summary(stats: EpisodeStats, prefix: str = "") -> dict[str, float | None]:
     count = float(stats.count)
     if count == 0:
@@ -794,6 +806,7 @@ class Trainer:
             raise ValueError("give total_timesteps or trainer.iterations")
         total_iterations = done_before + planned
         self._build(total_iterations)
+        self._learning_rates = learning_rate_per_iteration(self.cfg, total_iterations, self.samples_per_iteration)
         self._diverged = False
         self._final_save = False
         self._stop.clear()
@@ -1053,6 +1066,7 @@ class Trainer:
             "global_step": int(self.state.global_step if global_step is None else global_step),
             "sps": self.samples_per_iteration / seconds,
             "iteration_time": seconds,
+            "learning_rate": float(self._learning_rates[iteration - 1]),
         }
         record.update(episode_summary(episodes))
         if self._env_reports_success() and float(episodes.count) > 0:
