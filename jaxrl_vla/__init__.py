@@ -1,7 +1,8 @@
 """jaxrl_vla: JAX/Flax PPO for robot policies and pretrained torch VLA models.
 
-`from jaxrl_vla import Trainer` is the seed's entry point. Importing this
-package never imports torch (the `bridge` package holds all torch code).
+`from jaxrl_vla import Trainer` is the seed's entry point: one class for both
+buffer types and every env (docs/python_api.md). Importing this package never
+imports torch (the `bridge` package holds all torch code).
 """
 
 from __future__ import annotations

@@ -183,6 +183,11 @@ def test_torchrl_env_object_with_obs_keys_and_an_endless_episode_warning(tmp_pat
     with pytest.warns(RuntimeWarning, match="32 steps without ending, past the episode limit of 16"):
         trainer.train(total_timesteps=64)
     assert int(trainer.state.global_step) == 64
+    # config.json cannot name an env object: load it with the env (and the keys the run read)
+    loaded = Trainer.load(trainer.run_dir, env=PendulumEnv(), policy=trainer.policy, obs_keys=["th", "thdot"])
+    obs = {"th": np.float32(0.5), "thdot": np.float32(-1.0)}
+    np.testing.assert_array_equal(loaded.predict(obs), trainer.predict(obs))
+    assert loaded.predict(obs).shape == (1,)
 
 
 def test_batched_torch_env_objects_train_and_evaluate_in_rounds(tmp_path):

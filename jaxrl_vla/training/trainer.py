@@ -530,7 +530,9 @@ class Trainer:
                               auxiliary_loss(self.policy))
         return rollout, learn
 
-    def _build(self, total_iterations: int) -> None:
+    def _make_iteration(self, total_iterations: int) -> Callable:
+        """The optimiser for `total_iterations` and the pure iteration (state, demos) -> (state, report
+        vector, global_step) that the fused loop scans (and `training.sweep` vmaps over seeds)."""
         num_minibatches = self.cfg.num_minibatches(self.samples_per_iteration)
         total_grad_steps = total_iterations * self.cfg.n_epochs * num_minibatches
         self.optimizer = ppo.make_optimizer(self.cfg, total_grad_steps, self.trainable_mask, self.lr_scales)
@@ -557,6 +559,11 @@ class Trainer:
             leaves, self._report_treedef = jax.tree_util.tree_flatten((metrics, episodes))
             return state, jnp.stack([jnp.asarray(x, jnp.float32) for x in leaves]), state.global_step + 0
 
+        return iteration
+
+    def _build(self, total_iterations: int) -> None:
+        iteration = self._make_iteration(total_iterations)
+        apply_fn = self.policy.apply
         template = jax.eval_shape(self._init_state, jax.random.PRNGKey(0), self.init_params)
         state_shardings = self._shardings(template)
         self._out_shardings = (state_shardings, sharding.replicated(self.mesh), sharding.replicated(self.mesh))
@@ -901,12 +908,14 @@ class Trainer:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, env: Any = None, policy: Any = None, **settings: Any) -> "Trainer":
+    def load(cls, path: str | Path, env: Any = None, policy: Any = None, obs_keys: Any = None,
+             **settings: Any) -> "Trainer":
         """The Trainer of the run directory `path` (its config.json), holding its latest checkpoint's
         state: `predict` acts with it, `train()` continues the run in `path`.
 
-        `env` / `policy` replace what config.json names (needed where it could not name them);
-        `settings` replace trainer fields (e.g. progress=False, num_envs=1)."""
+        `env` / `policy` replace what config.json names (needed where it could not name them), with
+        the `obs_keys` the run used for a TorchRL env; `settings` replace trainer fields (e.g.
+        progress=False, num_envs=1)."""
         from jaxrl_vla.build import build_algorithm, build_env, build_policy, build_trainer, trainer_kwargs
         from jaxrl_vla.config import ConfigError, resolve
 
@@ -923,7 +932,7 @@ class Trainer:
         if env is None and policy is None:
             trainer = build_trainer(cfg)
         else:
-            env = resolve_env(env) if env is not None else build_env(cfg["env"])
+            env = resolve_env(env, obs_keys) if env is not None else build_env(cfg["env"])
             policy = policy if policy is not None else build_policy(cfg["policy"], env)[0]
             t = cfg["trainer"]
             trainer = Trainer(policy, env, build_algorithm(cfg["algorithm"]), config=cfg,
