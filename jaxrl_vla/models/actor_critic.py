@@ -1,4 +1,5 @@
-"""The standard from-scratch actor-critic (separate MLP trunks, as in SB3/CleanRL)."""
+"""The standard from-scratch actor-critic (separate MLP trunks, as in SB3/CleanRL), with an
+optional CNN torso for image observations (`encoder`, as SB3's CnnPolicy)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 
 from jaxrl_vla.envs.base import Box, Discrete, policy_inputs
 from jaxrl_vla.models.distributions import Categorical, DiagGaussian
+from jaxrl_vla.models.encoders import ENCODERS, image_inputs, is_image, make_encoder
 
 ACTIVATIONS = {"tanh": nn.tanh, "relu": nn.relu, "gelu": nn.gelu, "elu": nn.elu, "silu": nn.silu}
 
@@ -18,7 +20,17 @@ ACTIVATIONS = {"tanh": nn.tanh, "relu": nn.relu, "gelu": nn.gelu, "elu": nn.elu,
 def flatten_obs(obs: Any) -> jax.Array:
     """Concatenate every leaf of an observation pytree into [B, features] float32 (privileged keys left out)."""
     leaves = jax.tree_util.tree_leaves(policy_inputs(obs))
+    return _concat_flat(leaves)
+
+
+def _concat_flat(leaves: Sequence[jax.Array]) -> jax.Array:
     return jnp.concatenate([x.reshape(x.shape[0], -1).astype(jnp.float32) for x in leaves], axis=-1)
+
+
+def split_images(obs: Any) -> tuple[list[jax.Array], list[jax.Array]]:
+    """(image leaves [B, H, W, C], every other leaf) of a batched observation, privileged keys left out."""
+    leaves = jax.tree_util.tree_leaves(policy_inputs(obs))
+    return [x for x in leaves if is_image(x)], [x for x in leaves if not is_image(x)]
 
 
 class MLP(nn.Module):
@@ -38,16 +50,41 @@ class ActorCritic(nn.Module):
 
     Discrete action spaces get a categorical head; Box spaces a diagonal
     Gaussian whose log-std is a learned, state-independent parameter.
+
+    `encoder` "nature_cnn" or "impala" (`jaxrl_vla.models.encoders`): the image
+    leaves ([H, W, C] per sample; uint8 scaled to [0, 1], channels of several
+    images stacked) go through that CNN, shared by actor and critic as in SB3's
+    CnnPolicy (one torso, so pixels cost one pass); its features, concatenated
+    with every other leaf flattened (proprio, instruction ids), feed the two MLP
+    trunks. "mlp" (default) flattens every leaf, images included.
     """
 
     action_space: Discrete | Box
     hidden_sizes: Sequence[int] = (64, 64)
     activation: str = "tanh"
     log_std_init: float = 0.0
+    encoder: str = "mlp"
+
+    def __post_init__(self) -> None:
+        if type(self.action_space).__module__.startswith("gymnasium"):  # a gymnasium space works too
+            from jaxrl_vla.envs.host import convert_space
+
+            object.__setattr__(self, "action_space", convert_space(self.action_space))
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, obs: Any):
-        x = flatten_obs(obs)
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"policy.encoder must be one of {ENCODERS}, got {self.encoder!r}")
+        if self.encoder == "mlp":
+            x = flatten_obs(obs)
+        else:
+            images, others = split_images(obs)
+            if not images:
+                raise ValueError(f"policy.encoder {self.encoder!r}: the observation has no image leaf "
+                                 "([H, W, C] with C <= 4); use 'mlp'")
+            features = make_encoder(self.encoder, name="image_encoder")(image_inputs(images))
+            x = _concat_flat([features, *others])
         actor = MLP(self.hidden_sizes, self.activation, name="actor_trunk")(x)
         critic = MLP(self.hidden_sizes, self.activation, name="critic_trunk")(x)
         value = nn.Dense(1, kernel_init=nn.initializers.orthogonal(1.0), name="value_head")(critic)[..., 0]
