@@ -274,11 +274,14 @@ def record_episodes(env: Any, collect, num_episodes: int, seed: int, source: Fra
 def instruction_of(env: Any, obs: dict, episode: int, step_axis: bool) -> str:
     """The episode's instruction as text ('' for envs without language); `obs` leaves are [E, T, ...]
     (`step_axis`) or [E, ...]."""
-    if "language" not in obs or not hasattr(env, "tokenizer"):
+    tokenizer = getattr(env, "tokenizer", None)  # VLReach's is a method, a host env's may be the object
+    if tokenizer is not None and not hasattr(tokenizer, "decode") and callable(tokenizer):
+        tokenizer = tokenizer()
+    if "language" not in obs or "language_mask" not in obs or not hasattr(tokenizer, "decode"):
         return ""
     ids, mask = np.asarray(obs["language"][episode]), np.asarray(obs["language_mask"][episode])
     ids, mask = (ids[:1], mask[:1]) if step_axis else (ids[None], mask[None])
-    return env.tokenizer().decode(ids, mask)[0]
+    return tokenizer.decode(ids, mask)[0]
 
 
 def host_policy_act_fn(policy: Any, params: Any, obs_stats: Any) -> Callable[[Any, jax.Array], np.ndarray]:

@@ -263,3 +263,22 @@ def test_frame_source_names_each_kind():
     assert evaluate.image_path(space) == ("agent", "pixels")
     chw = np.full((2, 3, 32, 32), 0.5, np.float32)
     assert render.to_rgb_uint8(chw).shape == (2, 32, 32, 3) and (render.to_rgb_uint8(chw) == 128).all()
+
+
+@pytest.mark.slow  # imports torch
+def test_tensordict_env_with_pixels_returns_success_and_video(runs_dir, tmp_path, capsys):
+    """A torch (seed-contract TensorDict) host env through the bridge: frames from its uint8 rgb observation."""
+    pytest.importorskip("torch")
+    pytest.importorskip("tensordict")
+    env = {"name": "bridge.testing_envs:make_target_reach", "type": "tensordict", "image_size": 8,
+           "max_episode_steps": 6}
+    run = make_run(runs_dir, "target_reach", env)
+    video = tmp_path / "reach_td.gif"
+    capsys.readouterr()
+    assert evaluate.main(["--run", str(run), "--episodes", "2", "--video", str(video)]) == 0
+    out = capsys.readouterr().out
+    episodes = printed_returns(out)
+    assert len(episodes) == 2 and all(1 <= length <= 6 for _, length in episodes) and "success rate" in out
+    frames = gif_frames(video)
+    assert frames[0].shape == (8 * 32 + evaluate.CAPTION_HEIGHT, 8 * 32, 3)
+    assert len(frames) >= 2
