@@ -321,10 +321,12 @@ class RenderedGymnasiumVecEnv:
         from jaxrl_vla.envs.host import _cast_like_space
 
         obs, final_obs, final_frames, reward, terminated, truncated, success = [], [], [], [], [], [], []
+        reports_success = False  # as GymnasiumVecEnv: "success" only where the env's infos carry it
         for env, action in zip(self._envs, np.asarray(actions)):
             o, r, term, trunc, info = env.step(self._action(action))
             final_obs.append(o)
             final_frames.append(self._frame(env) if term or trunc else None)
+            reports_success |= "success" in info or "is_success" in info
             success.append(bool(info.get("success", info.get("is_success", False))))
             if term or trunc:
                 o, _ = env.reset()
@@ -333,8 +335,9 @@ class RenderedGymnasiumVecEnv:
         frames = [f for f in final_frames if f is not None]
         blank = np.zeros_like(frames[0]) if frames else None
         info = {"final_obs": _cast_like_space(stack_tree(final_obs), self.spec.observation_space),
-                "final_frame": None if blank is None else np.stack([blank if f is None else f for f in final_frames]),
-                "success": np.asarray(success)}
+                "final_frame": None if blank is None else np.stack([blank if f is None else f for f in final_frames])}
+        if reports_success:
+            info["success"] = np.asarray(success)
         return (_cast_like_space(stack_tree(obs), self.spec.observation_space), np.asarray(reward, np.float32),
                 np.asarray(terminated, bool), np.asarray(truncated, bool), info)
 

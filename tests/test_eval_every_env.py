@@ -177,8 +177,10 @@ def test_gymnasium_env_returns_and_rendered_video(runs_dir, tmp_path, capsys):
     video = tmp_path / "dot.gif"
     capsys.readouterr()
     assert evaluate.main(["--run", str(run), "--episodes", "3", "--seed", "5", "--video", str(video)]) == 0
-    episodes = printed_returns(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    episodes = printed_returns(out)
     assert len(episodes) == 3 and all(1 <= length <= 12 for _, length in episodes)
+    assert "success" not in out, "its infos carry no success: none is made up"
     # the episodes are gymnasium's own: replay each with the policy's actions in a fresh env and compare
     loaded = evaluate.load_run(run)
     act = evaluate.host_policy_act_fn(loaded.policy, loaded.params, loaded.obs_stats)
