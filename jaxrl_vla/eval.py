@@ -175,7 +175,10 @@ def image_path(space: Any, prefix: tuple[str, ...] = ()) -> tuple[str, ...] | No
                 walk(sub, path + (str(key),))
             return
         shape = tuple(getattr(node, "shape", ()))
-        if len(shape) == 3 and (shape[-1] in (1, 3) or shape[0] in (1, 3)) and min(shape[:2] if shape[-1] in (1, 3) else shape[1:]) >= 8:
+        if len(shape) != 3:
+            return
+        height_width = shape[:2] if shape[-1] in (1, 3) else shape[1:] if shape[0] in (1, 3) else (0,)
+        if min(height_width) >= 8:  # smaller "images" are feature maps or tiny grids, not pictures
             found.append((path, node))
 
     walk(space, prefix)
@@ -244,7 +247,8 @@ def policy_collector(env: Any, act, chunk: int = 1):
     return compiler.jit(lambda keys: run_episodes(env, act, keys, chunk))
 
 
-def record_episodes(env: Any, collect, num_episodes: int, seed: int, source: FrameSource | None = None) -> list[Episode]:
+def record_episodes(env: Any, collect, num_episodes: int, seed: int,
+                    source: FrameSource | None = None) -> list[Episode]:
     """Run `num_episodes` episodes of a JAX env with a collector and keep each one's rewards, outcome and,
     with a `source`, frames."""
     from jaxrl_vla.tasks.demos import episode_keys
@@ -405,7 +409,8 @@ def record_host_episodes(spec: Any, act: Callable, num_episodes: int, seed: int,
                     reports_success = True
                     success |= ended & np.asarray(info["success"], bool)
                 if source is not None:
-                    final = info["final_frame"] if gymnasium_frames else to_rgb_uint8(get_path(info["final_obs"], source.path))
+                    final = (info["final_frame"] if gymnasium_frames
+                             else to_rgb_uint8(get_path(info["final_obs"], source.path)))
                     now = frames_of(obs)
                     frames.append(np.where(ended[:, None, None, None], final, now) if ended.any() else now)
                 running &= ~ended
@@ -507,7 +512,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--episodes", type=int, default=4, help="evaluation episodes (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the episodes' resets (default 0)")
     parser.add_argument("--fps", type=int, default=0,
-                        help="video frames per second (default 0: the env's, e.g. 50 for CartPole, 8 for image observations)")
+                        help="video frames per second (default 0: the env's: 50 for CartPole, 8 for image observations)")
     parser.add_argument("--scale", type=int, default=0, help="upscaling factor (default: to about 256 pixels)")
     return parser.parse_args(argv)
 
@@ -565,7 +570,8 @@ def run(args: argparse.Namespace) -> list[Episode]:
     print(f"{who}: {args.episodes} episodes")
     for i, ep in enumerate(episodes):
         result = "" if ep.success is None else ("  success" if ep.success else "  failure")
-        print(f"  episode {i}: return {ep.episode_return:+.3f}  length {len(ep.rewards)}{result}  {ep.instruction}".rstrip())
+        line = f"  episode {i}: return {ep.episode_return:+.3f}  length {len(ep.rewards)}{result}  {ep.instruction}"
+        print(line.rstrip())
     returns = [ep.episode_return for ep in episodes]
     summary = f"mean return {np.mean(returns):+.3f}"
     if episodes[0].success is not None:

@@ -104,7 +104,8 @@ def panels_for(runs: list[Run], metrics: list[str] | None) -> list[tuple[str, li
     """The panels to draw: `metrics` (panel names or metrics.jsonl keys, each present in some run), or the
     default panels that some run has."""
     if metrics is None:
-        chosen = [PANELS[name] for name in DEFAULT_METRICS if any(run.has(k) for run in runs for k, _ in PANELS[name][1])]
+        chosen = [PANELS[name] for name in DEFAULT_METRICS
+                  if any(run.has(key) for run in runs for key, _ in PANELS[name][1])]
         if not chosen:
             raise PlotError("the runs log none of the default metrics; name some with --metrics")
         return chosen
@@ -163,13 +164,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (each with metrics.jsonl)")
     parser.add_argument("--out", help="output .png (default: RUN_DIR/learning_curves.png for one run, "
                                       "./learning_curves.png for several)")
-    parser.add_argument("--metrics", nargs="+", help=f"panels or metrics.jsonl keys (default: {' '.join(DEFAULT_METRICS)})")
+    parser.add_argument("--metrics", nargs="+",
+                        help=f"panels or metrics.jsonl keys (default: {' '.join(DEFAULT_METRICS)})")
     parser.add_argument("--x", default="global_step", choices=X_AXES, help="x axis (default global_step)")
     return parser.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> Path:
-    out = Path(args.out) if args.out else (Path(args.runs[0]) if len(args.runs) == 1 else Path(".")) / "learning_curves.png"
+    default_dir = Path(args.runs[0]) if len(args.runs) == 1 else Path(".")
+    out = Path(args.out) if args.out else default_dir / "learning_curves.png"
     if out.suffix.lower() != ".png":
         raise PlotError(f"--out {out}: write a .png")
     runs = [read_run(path) for path in args.runs]
