@@ -126,6 +126,8 @@ def test_train_continues_then_save_load_predict_and_the_cli_tools(tmp_path, caps
 
     run = jaxrl_eval.load_run(run_dir)  # what `python -m jaxrl_vla.eval --run` reads
     assert run.iteration == 3
+    assert jaxrl_eval.main(["--run", str(run_dir), "--episodes", "2"]) == 0
+    assert "mean return" in capsys.readouterr().out
     assert jaxrl_train.main(["--resume", str(run_dir), "--total-timesteps", "256", "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert f"resuming {run_dir} from iteration 3 (192 env steps); 1 more to its budget of 4" in err

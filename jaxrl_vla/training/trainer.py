@@ -674,9 +674,8 @@ class Trainer:
         run_dir = None
         if distributed.is_primary():  # with several processes, process 0 makes it and tells the others
             run_dir = new_run_dir(self.output_dir, self.exp_name)
-            self.run_dir = run_dir
-            self._write_config(total_iterations)
         self.run_dir = distributed.agree_on_run_dir(run_dir)
+        self._write_config(total_iterations)  # every process holds the config (checkpoint metadata); 0 writes it
 
     def _write_config(self, total_iterations: int, update_only: bool = False) -> None:
         """config.json of the run: the full resolved config (`resolved_config` for runs started from
