@@ -249,8 +249,22 @@ def env_config(env: Any) -> dict | None:
             continue
         if type(env) is cls:
             kwargs = _constructor_kwargs(env, cls)
-            return None if kwargs is None else {"name": name, **kwargs}
+            return None if kwargs is None or not _rebuilds(env, cls, kwargs) else {"name": name, **kwargs}
     return None
+
+
+def _rebuilds(env: Any, cls: type, kwargs: dict) -> bool:
+    """Whether `cls(**kwargs)` makes an env of `env`'s spaces and limit: the attributes read back by
+    `_constructor_kwargs` may hold a derived value of the argument they are named after."""
+    try:
+        twin = cls(**kwargs)
+    except Exception:  # noqa: BLE001 - not rebuildable from these arguments
+        return False
+    same = lambda name: getattr(twin, name, None) == getattr(env, name, None)  # noqa: E731
+    try:
+        return all(bool(same(name)) for name in ("observation_space", "action_space", "max_episode_steps"))
+    except Exception:  # noqa: BLE001 - spaces that do not compare (arrays): not provably the same
+        return False
 
 
 def policy_config(policy: Any, chunk: int) -> dict | None:
