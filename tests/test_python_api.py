@@ -60,6 +60,9 @@ def test_env_ids_and_gymnasium_objects(tmp_path):
     assert action.shape == () and env.action_space.contains(int(action))
     vector = small_trainer(tmp_path, env=gym.make_vec("CartPole-v1", num_envs=4), num_envs=None)
     assert vector.num_envs == 4 and vector.env.name == "CartPole-v1"  # the VectorEnv's own count
+    limited = small_trainer(tmp_path, env=gym.make("CartPole-v1", max_episode_steps=50))
+    assert limited.env.max_episode_steps == 50 and limited.resolved_config()["env"] == {
+        "name": "gymnasium:CartPole-v1", "max_episode_steps": 50}
     from_callable = small_trainer(tmp_path, env=lambda: gym.make("CartPole-v1", max_episode_steps=50))
     assert from_callable.env.max_episode_steps == 50
 

@@ -260,6 +260,9 @@ class GymnasiumEnv:
             out.default_num_envs = int(env.num_envs)  # the Trainer's num_envs unless given
             return out
         kwargs = dict(spec.kwargs) if not spec.additional_wrappers else None
+        registered = gym.spec(spec.id).max_episode_steps if spec.id in gym.registry else None
+        if kwargs is not None and spec.max_episode_steps != registered:  # gym.make(id, max_episode_steps=...)
+            kwargs["max_episode_steps"] = spec.max_episode_steps
         out = cls(spec.id, factory=functools.partial(gym.make, spec), **(kwargs or {}))
         out.nameable = kwargs is not None  # wrappers applied after make cannot be written to config.json
         return out
