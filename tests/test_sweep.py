@@ -39,6 +39,7 @@ def test_each_seed_of_a_sweep_follows_its_single_run(tmp_path):
     for seed in result.seeds:
         lines = (result.run_dir / f"seed_{seed}" / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(x)["iteration"] for x in lines] == [1, 2, 3, 4]
+        assert all(json.loads(x)["learning_rate"] == pytest.approx(CFG.learning_rate) for x in lines)  # constant
     assert (result.run_dir / "params.msgpack").stat().st_size > 0
 
 

@@ -51,7 +51,8 @@ def check_sweepable(trainer: Any) -> None:
         raise ValueError("sweep: algorithm.demo_path is not supported (each seed would need the encoded demos)")
 
 
-def _records(trainer: Any, reports: np.ndarray, steps: np.ndarray, start: int, seconds: float) -> list[list[dict]]:
+def _records(trainer: Any, reports: np.ndarray, steps: np.ndarray, start: int, seconds: float,
+             learning_rates: np.ndarray) -> list[list[dict]]:
     """Per seed, the metrics.jsonl records of a call's iterations (reports [K, N, M], steps [K, N])."""
     from jaxrl_vla.training.trainer import episode_summary
 
@@ -61,7 +62,8 @@ def _records(trainer: Any, reports: np.ndarray, steps: np.ndarray, start: int, s
         for s in range(n):
             metrics, episodes = jax.tree_util.tree_unflatten(trainer._report_treedef, list(reports[i, s]))
             record = {"iteration": start + i + 1, "global_step": int(steps[i, s]),
-                      "sps": trainer.samples_per_iteration * n * k / seconds}
+                      "sps": trainer.samples_per_iteration * n * k / seconds,
+                      "learning_rate": float(learning_rates[start + i])}
             record.update(episode_summary(episodes))
             record.update({key: float(value) for key, value in metrics.items()})
             out[s].append(record)
@@ -79,7 +81,10 @@ def run_sweep(trainer: Any, num_seeds: int, iterations: int, seeds: Sequence[int
     seeds = list(seeds) if seeds is not None else [int(trainer.seed) + i for i in range(num_seeds)]
     if len(seeds) != num_seeds or num_seeds < 1:
         raise ValueError(f"sweep: num_seeds ({num_seeds}) must be >= 1 and match the {len(seeds)} seeds given")
+    from jaxrl_vla.training.trainer import learning_rate_per_iteration
+
     iteration = trainer._make_iteration(iterations)
+    learning_rates = learning_rate_per_iteration(trainer.cfg, iterations, trainer.samples_per_iteration)
     keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
     init_params = trainer.init_params
     states = jax.jit(jax.vmap(lambda key: trainer._init_state(key, init_params)))(keys)
@@ -111,7 +116,7 @@ def run_sweep(trainer: Any, num_seeds: int, iterations: int, seeds: Sequence[int
             states, reports, steps = compiled(states, size)
             reports, steps = np.asarray(jax.device_get(reports)), np.asarray(jax.device_get(steps))
             seconds = time.perf_counter() - start
-            for s, seed_records in enumerate(_records(trainer, reports, steps, done, seconds)):
+            for s, seed_records in enumerate(_records(trainer, reports, steps, done, seconds, learning_rates)):
                 records[s] += seed_records
                 for record in seed_records:
                     if loggers:
