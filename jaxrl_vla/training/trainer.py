@@ -296,7 +296,7 @@ def check_policy(policy: Any) -> None:
             f"policy: {type(torch_model).__name__} is a torch module; the Trainer runs Flax models inside jit, so a "
             "torch VLA (forward / get_value / evaluate_actions) needs its Flax twin, with its weights converted by "
             "the bridge (bridge.convert, register_twin): see docs/bring_your_own_vla.md")
-    if not isinstance(policy, nn.Module):
+    if not (callable(getattr(policy, "init", None)) and callable(getattr(policy, "apply", None))):
         raise ValueError(f"policy: expected a flax.linen Module returning (dist, value) (ActorCritic, VLAPolicy), "
                          f"got a {type(policy).__name__}")
 
