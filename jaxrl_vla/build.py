@@ -181,6 +181,15 @@ def build_policy(policy_cfg: dict, env: Any, critic_free: bool = False) -> tuple
             log_std_init=float(policy_cfg["log_std_init"]),
             encoder=policy_cfg["encoder"],
         )
+        if module.encoder != "mlp":  # the shapes alone: a bad size or an env without images named before any run
+            import jax
+
+            from jaxrl_vla.models.policy import zeros_like_obs
+
+            try:
+                jax.eval_shape(module.init, jax.random.PRNGKey(0), zeros_like_obs(env.observation_space, 1))
+            except ValueError as err:
+                raise ConfigError(str(err)) from err
         return module, None, None
     from jaxrl_vla.models.vla_policy import build_vla_policy
 
