@@ -156,6 +156,15 @@ class HFArchitecture:
     rules: tuple[NameRule, ...]
     strip_prefixes: tuple[str, ...] = ()
     ignore_keys: tuple[str, ...] = ()
+    # (regex, replacement) applied once each, in order, to every key read: the on-disk layout
+    # (PaliGemma's `language_model.model.`, what transformers writes) mapped onto the module tree.
+    renames: tuple[tuple[str, str], ...] = ()
+    # The same on export, module tree -> on-disk layout (so the directory matches save_pretrained's).
+    save_renames: tuple[tuple[str, str], ...] = ()
+    # A tied output head: its HF key, absent on disk (save_pretrained drops it) and skipped if present,
+    # when `is_tied(config)`; the twin holds the embedding once.
+    tied_head_key: str | None = None
+    is_tied: Callable[[Mapping[str, Any]], bool] = lambda config: False
 
     def rule_for(self, key: str) -> NameRule | None:
         return next((r for r in self.rules if r.matches(key)), None)
@@ -320,6 +329,7 @@ def load_hf_dir(path: str | os.PathLike, *, param_dtype: Any = None) -> tuple[An
     module, example = arch.factory(config)
     abstract = _flatten(jax.eval_shape(module.init, jax.random.PRNGKey(0), example))
     ignore = [re.compile(p) for p in arch.ignore_keys]
+    tied = arch.tied_head_key is not None and arch.is_tied(config)
     variables: dict[str, Any] = {}
     filled: set[tuple[str, ...]] = set()
     unexpected: list[str] = []
@@ -329,7 +339,9 @@ def load_hf_dir(path: str | os.PathLike, *, param_dtype: Any = None) -> tuple[An
             for prefix in arch.strip_prefixes:
                 if key.startswith(prefix):
                     key = key[len(prefix) :]
-            if any(p.search(key) for p in ignore):
+            for pattern, replacement in arch.renames:
+                key = re.sub(pattern, replacement, key, count=1)
+            if any(p.search(key) for p in ignore) or (tied and key == arch.tied_head_key):
                 continue
             target = arch.flax_target(key)
             if target is None or target[0] not in abstract:
@@ -384,6 +396,8 @@ def _hf_tensors(arch: HFArchitecture, variables: Mapping[str, Any], prefix: str)
     out = []
     for flax_path, leaf in _flatten(variables).items():
         key, rule = arch.hf_key(flax_path)
+        for pattern, replacement in arch.save_renames:
+            key = re.sub(pattern, replacement, key, count=1)
         out.append((prefix + key, leaf, rule))
     return sorted(out, key=lambda t: t[0])
 
@@ -471,3 +485,93 @@ SIGLIP_RULES: tuple[NameRule, ...] = (
 register_hf_architecture(
     "SiglipVisionModel", HFArchitecture(_siglip_factory, SIGLIP_RULES, strip_prefixes=("vision_model.",))
 )
+
+
+# ----------------------------------------------------------------------------- decoders and composite VLMs
+#
+# Name maps only: HF keys and the twins' Flax paths already agree module by module
+# (`model.layers.3.self_attn.q_proj.weight` <-> `model/layers_3/self_attn/q_proj/kernel`), so each
+# architecture is its factory, the leaf rules of the module types it holds, and its tied head.
+
+DECODER_RULES: tuple[NameRule, ...] = (
+    *embedding_rules(r"embed_tokens\.weight$"),
+    NameRule(r"((^|\.)norm|layernorm)\.weight$", "weight", "scale"),  # RMSNorm weight -> scale
+    *linear_rules(r"(_proj|(^|\.)lm_head)\.\w+$"),
+)
+# SigLIP tower + decoder + the connector / projector Linears (SmolVLM `modality_projection.proj`,
+# PaliGemma `multi_modal_projector.linear`).
+VLM_RULES: tuple[NameRule, ...] = (
+    *SIGLIP_RULES,
+    *DECODER_RULES,
+    *linear_rules(r"(modality_projection\.proj|multi_modal_projector\.linear)\.\w+$"),
+)
+
+
+def _decoder_factory(causal_lm: bool) -> Callable[[dict[str, Any]], tuple[Any, Any]]:
+    def factory(config: dict[str, Any]) -> tuple[Any, Any]:
+        from jaxrl_vla.models.vla.llama import DecoderConfig, DecoderForCausalLM, DecoderLM
+
+        cls = DecoderForCausalLM if causal_lm else DecoderLM
+        return cls(DecoderConfig.from_hf_dict(config)), jnp.zeros((1, 1), jnp.int32)
+
+    return factory
+
+
+def _vlm_factory(family: str, conditional: bool) -> Callable[[dict[str, Any]], tuple[Any, Any]]:
+    def factory(config: dict[str, Any]) -> tuple[Any, Any]:
+        if family == "smolvlm":
+            from jaxrl_vla.models.vla import smolvlm as mod
+
+            cfg, base, top = mod.SmolVLMConfig.from_hf_dict(config), mod.SmolVLMModel, mod.SmolVLMForConditionalGeneration
+        else:
+            from jaxrl_vla.models.vla import paligemma as mod
+
+            cfg, base = mod.PaliGemmaConfig.from_hf_dict(config), mod.PaliGemmaModel
+            top = mod.PaliGemmaForConditionalGeneration
+        return (top if conditional else base)(cfg), jnp.zeros((1, 1), jnp.int32)
+
+    return factory
+
+
+def _tie_flag(default: bool) -> Callable[[Mapping[str, Any]], bool]:
+    return lambda config: bool(config.get("tie_word_embeddings", default))
+
+
+# architectures name -> (factory, tied by default). Decoders: the text config's own flag; composites:
+# the top-level flag (transformers ties `lm_head` to the text embedding by it).
+for _name, _tie_default in (("Llama", False), ("Qwen2", False), ("Gemma", True)):
+    register_hf_architecture(f"{_name}Model", HFArchitecture(_decoder_factory(False), DECODER_RULES))
+    register_hf_architecture(
+        f"{_name}ForCausalLM",
+        HFArchitecture(_decoder_factory(True), DECODER_RULES, tied_head_key="lm_head.weight",
+                       is_tied=_tie_flag(_tie_default)),
+    )
+
+# PaliGemma on disk: transformers (4 and 5 alike) writes `language_model.model.*`, `language_model.lm_head`,
+# `vision_tower.*` (transformers 4 also `vision_tower.vision_model.*`), `multi_modal_projector.*`, while the
+# module tree (and the twin) nests them under `model.`.
+_PALIGEMMA_READ = (
+    (r"^language_model\.model\.", "model.language_model."),
+    (r"^language_model\.lm_head\.", "lm_head."),
+    (r"^vision_tower\.vision_model\.", "model.vision_tower."),
+    (r"^vision_tower\.", "model.vision_tower."),
+    (r"^multi_modal_projector\.", "model.multi_modal_projector."),
+)
+_PALIGEMMA_WRITE = (
+    (r"^model\.language_model\.", "language_model.model."),
+    (r"^lm_head\.", "language_model.lm_head."),
+    (r"^model\.vision_tower\.", "vision_tower."),
+    (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
+)
+# (architecture, factory, read renames, write renames, tied by default or None for no head)
+_VLM_ARCHITECTURES = (
+    ("SmolVLMModel", _vlm_factory("smolvlm", False), (), (), None),
+    ("SmolVLMForConditionalGeneration", _vlm_factory("smolvlm", True), (), (), False),
+    ("PaliGemmaModel", _vlm_factory("paligemma", False),
+     ((r"^language_model\.model\.", "language_model."), (r"^vision_tower\.vision_model\.", "vision_tower.")),
+     ((r"^language_model\.", "language_model.model."),), None),
+    ("PaliGemmaForConditionalGeneration", _vlm_factory("paligemma", True), _PALIGEMMA_READ, _PALIGEMMA_WRITE, True),
+)  # fmt: skip
+for _arch, _factory, _read, _write, _tie_default in _VLM_ARCHITECTURES:
+    _head = {} if _tie_default is None else dict(tied_head_key="lm_head.weight", is_tied=_tie_flag(_tie_default))
+    register_hf_architecture(_arch, HFArchitecture(_factory, VLM_RULES, renames=_read, save_renames=_write, **_head))

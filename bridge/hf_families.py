@@ -13,12 +13,20 @@ or `PretrainedConfig.to_dict()`): the torch side is built with
 `DecoderConfig.from_hf_dict(model_config)` (which refuses what it does not
 implement). Tied `*ForCausalLM` heads: the state_dict repeats the embedding
 as `lm_head.weight`; the twin holds it once and export writes it back.
+
+The composite vision-language models (`HF_VLM_CLASSES`: SmolVLM, PaliGemma) are
+table entries too: their twins (`jaxrl_vla.models.vla.smolvlm` / `paligemma`)
+mirror HF's module tree, so the same rule table (plus the RMSNorm and
+MultiheadAttention rules) converts them; a table entry names the class, the
+twin factory (shared with `bridge.hf_dir`'s directory registry) and where the
+embedding a tied `lm_head` repeats lives in the Flax tree. Tying follows the
+top-level `tie_word_embeddings`, as transformers does for these classes.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax.numpy as jnp
 import torch
@@ -33,8 +41,23 @@ HF_DECODER_FAMILIES: dict[str, tuple[str, str, str, str]] = {
     "gemma": ("transformers.models.gemma.modeling_gemma", "GemmaRMSNorm", "GemmaModel", "GemmaForCausalLM"),
 }
 
+# class -> (modelling module, class name, Flax path of the embedding a tied lm_head repeats, or None)
+HF_VLM_CLASSES: dict[str, tuple[str, str, tuple[str, ...] | None]] = {
+    "SmolVLMModel": ("transformers.models.smolvlm.modeling_smolvlm", "SmolVLMModel", None),
+    "SmolVLMForConditionalGeneration": (
+        "transformers.models.smolvlm.modeling_smolvlm", "SmolVLMForConditionalGeneration",
+        ("model", "text_model", "embed_tokens"),
+    ),
+    "PaliGemmaModel": ("transformers.models.paligemma.modeling_paligemma", "PaliGemmaModel", None),
+    "PaliGemmaForConditionalGeneration": (
+        "transformers.models.paligemma.modeling_paligemma", "PaliGemmaForConditionalGeneration",
+        ("model", "language_model", "embed_tokens"),
+    ),
+}  # fmt: skip
+
 _RMSNORM_RULE = (LeafRule("weight", "scale"),)
 _TIED_HEAD_KEY = "lm_head.weight"
+_DECODER_EMBEDDING = ("model", "embed_tokens")
 
 
 def _hf_torch_factory(cls: type, model_config: dict[str, Any]) -> nn.Module:
@@ -68,14 +91,23 @@ def causal_lm_to_flax(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> 
     return torch_to_flax(model, tensors)
 
 
-def causal_lm_to_torch(model: nn.Module, variables: Variables) -> dict[str, torch.Tensor]:
-    """Rule-table export; a tied head is written from the embedding table (bit for bit)."""
-    if not _is_tied(model):
-        return flax_to_torch(model, variables)
-    params = variables["params"]
-    head = {"kernel": params["model"]["embed_tokens"]["embedding"].T}
-    with_head = {**variables, "params": {**params, "lm_head": head}}
-    return flax_to_torch(model, with_head)
+def tied_head_export(embedding: tuple[str, ...]) -> Callable[[nn.Module, Variables], dict[str, torch.Tensor]]:
+    """Rule-table export where a tied head is written from the embedding table at `embedding` (bit for bit)."""
+
+    def export(model: nn.Module, variables: Variables) -> dict[str, torch.Tensor]:
+        if not _is_tied(model):
+            return flax_to_torch(model, variables)
+        params = variables["params"]
+        table = params
+        for part in embedding:
+            table = table[part]
+        with_head = {**variables, "params": {**params, "lm_head": {"kernel": table["embedding"].T}}}
+        return flax_to_torch(model, with_head)
+
+    return export
+
+
+causal_lm_to_torch = tied_head_export(_DECODER_EMBEDDING)
 
 
 def register_hf_decoders() -> None:
@@ -96,4 +128,19 @@ def register_hf_decoders() -> None:
         )
 
 
+def register_hf_vlms() -> None:
+    """Register the twins of every class in HF_VLM_CLASSES (transformers present); factories from bridge.hf_dir."""
+    from bridge import hf_dir
+
+    for arch_name, (module_name, cls_name, embedding) in HF_VLM_CLASSES.items():
+        try:
+            importlib.import_module(module_name)
+        except ImportError:  # transformers missing, or too old for this family
+            continue
+        factory = hf_dir.architecture_of({"architectures": [arch_name]})[1].factory
+        extra = {} if embedding is None else dict(convert_fn=causal_lm_to_flax, export_fn=tied_head_export(embedding))
+        register_twin(f"{module_name}.{cls_name}", factory, torch_factory=_hf_torch_factory, **extra)
+
+
 register_hf_decoders()
+register_hf_vlms()

@@ -199,13 +199,41 @@ class Attention(nn.Module):
             raise ValueError(
                 f"attention mask has shape {tuple(mask.shape)}; expected [{batch}, {length}, {k.shape[1]}]"
             )
-        groups = self.num_heads // self.num_kv_heads
-        qg = q.reshape(batch, length, self.num_kv_heads, groups, d)
-        scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k) * jnp.asarray(d**-0.5, q.dtype)
-        scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, v).reshape(batch, length, self.num_heads * d)
+        out = attend(q, k, v, mask)
         return _dense(self.hidden_size, self.o_bias, "o_proj", self.dtype, std)(out), own
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Scaled dot-product attention as transformers' eager path computes it -> [B, Tq, Hq * D].
+
+    q [B, Tq, Hq, D], k/v [B, Tk, Hkv, D] with Hq a multiple of Hkv (query head h
+    uses kv head h // (Hq // Hkv), HF's `repeat_kv`); scores scaled by D ** -0.5 in
+    the compute dtype, softmax in float32. `mask` (bool, broadcastable to
+    [B, Tq, Tk], True = visible) or None for full bidirectional attention (the
+    vision towers). Shared by the decoder and SigLIP attention.
+    """
+    batch, length, num_heads, d = q.shape
+    num_kv = k.shape[2]
+    qg = q.reshape(batch, length, num_kv, num_heads // num_kv, d)
+    scores = (jnp.einsum("bqhgd,bkhd->bhgqk", qg, k) * jnp.asarray(d**-0.5, q.dtype)).astype(jnp.float32)
+    if mask is not None:
+        scores = jnp.where(jnp.asarray(mask)[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhgqk,bkhd->bqhgd", weights, v).reshape(batch, length, num_heads * d)
+
+
+def merge_image_features(embeds: jax.Array, is_image: jax.Array, features: jax.Array) -> jax.Array:
+    """`embeds` [B, T, H] with its image-token positions replaced by `features` [N, H], in order.
+
+    The static-shape form of torch's `inputs_embeds.masked_scatter(is_image, features)`
+    as the VLMs use it: the k-th True of `is_image` [B, T] (row-major over the whole
+    batch) takes row k of `features`. The caller makes the counts agree (HF raises
+    when they differ); surplus feature rows are unused.
+    """
+    flat = is_image.reshape(-1)
+    index = jnp.clip(jnp.cumsum(flat.astype(jnp.int32)) - 1, 0, features.shape[0] - 1)
+    picked = features.astype(embeds.dtype)[index].reshape(embeds.shape)
+    return jnp.where(is_image[..., None], picked, embeds)
 
 
 class GatedMLP(nn.Module):

@@ -30,14 +30,16 @@ and the parity tests run without).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxrl_vla.config import ConfigError
-from jaxrl_vla.models.vla.layers import ACTIVATIONS
+from jaxrl_vla.models.vla.layers import ACTIVATIONS, attend
 
 
 class SiglipConfigError(ConfigError):
@@ -54,7 +56,12 @@ _REFUSED = {
     "num_patches": "a NaViT-style variable patch count (SigLIP2) is not implemented",
     "interpolate_pos_encoding": "position-embedding interpolation is not implemented",
 }
-_MODEL_TYPES = ("siglip_vision_model",)
+# model_type -> what the type implies: SmolVLM's / Idefics3's tower is SigLIP with NaViT-style positions, no head.
+_MODEL_TYPES: dict[str, dict[str, bool]] = {
+    "siglip_vision_model": {},
+    "smolvlm_vision": {"vision_use_head": False, "navit_positions": True},
+    "idefics3_vision": {"vision_use_head": False, "navit_positions": True},
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +78,13 @@ class SiglipVisionConfig:
     hidden_act: str = "gelu_pytorch_tanh"
     layer_norm_eps: float = 1e-6
     vision_use_head: bool = True
+    # SmolVLM / Idefics3: position ids bucketed from each image's (unpadded) patch grid, see `navit_position_ids`.
+    navit_positions: bool = False
 
     def __post_init__(self) -> None:
+        for key in ("image_size", "patch_size"):
+            if isinstance(getattr(self, key), bool) or not isinstance(getattr(self, key), int):
+                raise SiglipConfigError(f"{key}={getattr(self, key)!r}: only a single int (square images) is implemented")
         if self.hidden_size % self.num_attention_heads:
             raise SiglipConfigError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})"
@@ -102,24 +114,19 @@ class SiglipVisionConfig:
             config = config["vision_config"]
         model_type = config.get("model_type", "siglip_vision_model")
         if model_type not in _MODEL_TYPES:
-            raise SiglipConfigError(f"model_type {model_type!r} is not a SigLIP vision config (expected {_MODEL_TYPES})")
+            raise SiglipConfigError(
+                f"model_type {model_type!r} is not a SigLIP vision config (expected one of {sorted(_MODEL_TYPES)})"
+            )
         for key, why in _REFUSED.items():
             if config.get(key) not in (None, False):
                 raise SiglipConfigError(f"{key}={config[key]!r}: {why}")
-        return cls(**{k: config[k] for k in _FIELDS if k in config})
+        return cls(**{**{k: config[k] for k in _FIELDS if k in config}, **_MODEL_TYPES[model_type]})
 
 
 def _layer_norm(cfg: SiglipVisionConfig, name: str, dtype: Any, param_dtype: Any) -> nn.LayerNorm:
     return nn.LayerNorm(
         epsilon=cfg.layer_norm_eps, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, name=name
     )
-
-
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
-    """Unmasked multi-head attention on [B, T, H, Dh] tensors, softmax in float32."""
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
 class SiglipMLP(nn.Module):
@@ -143,7 +150,7 @@ class SiglipAttention(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         cfg = self.config
         b, t, _ = x.shape
 
@@ -151,8 +158,7 @@ class SiglipAttention(nn.Module):
             y = nn.Dense(cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
             return y.reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
 
-        out = _attend(proj("q_proj"), proj("k_proj"), proj("v_proj"), cfg.head_dim**-0.5)
-        out = out.reshape(b, t, cfg.hidden_size)
+        out = attend(proj("q_proj"), proj("k_proj"), proj("v_proj"), mask)
         return nn.Dense(cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name="out_proj")(out)
 
 
@@ -164,9 +170,9 @@ class SiglipEncoderLayer(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         cfg, dt, pdt = self.config, self.dtype, self.param_dtype
-        x = x + SiglipAttention(cfg, dt, pdt, name="self_attn")(_layer_norm(cfg, "layer_norm1", dt, pdt)(x))
+        x = x + SiglipAttention(cfg, dt, pdt, name="self_attn")(_layer_norm(cfg, "layer_norm1", dt, pdt)(x), mask)
         return x + SiglipMLP(cfg, dt, pdt, name="mlp")(_layer_norm(cfg, "layer_norm2", dt, pdt)(x))
 
 
@@ -180,10 +186,59 @@ class SiglipEncoder(nn.Module):
             SiglipEncoderLayer(self.config, self.dtype, self.param_dtype) for _ in range(self.config.num_hidden_layers)
         ]
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         for layer in self.layers:  # depth, not time: a handful of distinct layers, unrolled once at trace
-            x = layer(x)
+            x = layer(x, mask)
         return x
+
+
+_TORCH_VEC = 8  # floats per vector in torch's x86 CPU arange kernel (AVX2 / AVX512 builds)
+
+
+def _torch_arange_f32(start: float, end: float, step: float) -> np.ndarray:
+    """torch.arange(start, end, step) in float32, rounded as torch's CPU kernel rounds it.
+
+    The size is ceil((end - start) / step) in double. Values: the kernel fills two
+    vectors of `_TORCH_VEC` lanes per loop step, each lane as float(float(start + step * i0)
+    + step * j) with i0 the vector's first index, and the tail as float(start + step * i).
+    The last bit matters: SmolVLM buckets patch coordinates that fall exactly on
+    these boundaries. (A torch whose vectors are narrower, e.g. NEON, rounds a few
+    boundaries differently; this matches x86.)
+    """
+    size = int(math.ceil((end - start) / step))
+    out = np.empty(size, np.float32)
+    i = 0
+    while i + 2 * _TORCH_VEC <= size:
+        for _ in range(2):
+            base = np.float64(np.float32(start + step * i))
+            out[i : i + _TORCH_VEC] = (base + step * np.arange(_TORCH_VEC, dtype=np.float64)).astype(np.float32)
+            i += _TORCH_VEC
+    out[i:] = (start + step * np.arange(i, size, dtype=np.float64)).astype(np.float32)
+    return out
+
+
+def navit_position_ids(patch_mask: jax.Array, side: int) -> jax.Array:
+    """[B, gh * gw] position ids of SmolVLM's / Idefics3's `VisionEmbeddings` for a patch mask [B, gh, gw].
+
+    Each image's real patch grid (rows/columns of True) is mapped onto the
+    side x side table by bucketing fractional coordinates, exactly as transformers
+    does in float32 (`torch.bucketize(..., right=True)`); padding patches get 0.
+    A full grid of side x side patches gives 0..side**2 - 1.
+    """
+    mask = patch_mask.astype(bool)
+    b, gh, gw = mask.shape
+    boundaries = jnp.asarray(_torch_arange_f32(1.0 / side, 1.0, 1.0 / side))
+
+    def buckets(count: jax.Array, length: int) -> jax.Array:
+        step = jnp.float32(1.0) / count.astype(jnp.float32)
+        coords = jnp.arange(length, dtype=jnp.float32)[None, :] * step[:, None]
+        coords = jnp.minimum(coords, jnp.float32(1.0 - 1e-6))
+        return jnp.searchsorted(boundaries, coords, side="right").astype(jnp.int32)
+
+    rows = buckets(mask[:, :, 0].sum(axis=1), gh)
+    cols = buckets(mask[:, 0, :].sum(axis=1), gw)
+    ids = (rows[:, :, None] * side + cols[:, None, :]).reshape(b, gh * gw)
+    return jnp.where(mask.reshape(b, gh * gw), ids, 0)
 
 
 class SiglipVisionEmbeddings(nn.Module):
@@ -192,7 +247,7 @@ class SiglipVisionEmbeddings(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, pixel_values: jax.Array) -> jax.Array:
+    def __call__(self, pixel_values: jax.Array, patch_mask: jax.Array | None = None) -> jax.Array:
         """[B, H, W, C] pixels -> [B, num_patches, D] patch tokens plus position embeddings."""
         cfg = self.config
         p = cfg.patch_size
@@ -201,6 +256,13 @@ class SiglipVisionEmbeddings(nn.Module):
             dtype=self.dtype, param_dtype=self.param_dtype, name="patch_embedding",
         )(pixel_values.astype(self.dtype))  # fmt: skip
         b, gh, gw, d = patches.shape
+        table = nn.Embed(
+            cfg.num_patches, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name="position_embedding"
+        )
+        if cfg.navit_positions:
+            if patch_mask is None:
+                patch_mask = jnp.ones((b, gh, gw), bool)
+            return patches.reshape(b, gh * gw, d) + table(navit_position_ids(patch_mask, cfg.image_size // p))
         if gh * gw != cfg.num_patches:
             h, w = pixel_values.shape[1:3]
             raise ValueError(
@@ -208,10 +270,7 @@ class SiglipVisionEmbeddings(nn.Module):
                 f"hold {cfg.num_patches} (image_size {cfg.image_size}x{cfg.image_size}); resize the images to "
                 f"{cfg.image_size}x{cfg.image_size} (position interpolation is not implemented)"
             )
-        pos = nn.Embed(
-            cfg.num_patches, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name="position_embedding"
-        )(jnp.arange(cfg.num_patches))
-        return patches.reshape(b, gh * gw, d) + pos[None]
+        return patches.reshape(b, gh * gw, d) + table(jnp.arange(cfg.num_patches))[None]
 
 
 class SiglipMultiheadAttentionPoolingHead(nn.Module):
@@ -253,19 +312,27 @@ class _PoolingAttention(nn.Module):
         q = (query @ kernel[:, :d] + bias[:d]).reshape(b, tq, nh, hd)
         k = (kv @ kernel[:, d : 2 * d] + bias[d : 2 * d]).reshape(b, tk, nh, hd)
         v = (kv @ kernel[:, 2 * d :] + bias[2 * d :]).reshape(b, tk, nh, hd)
-        out = _attend(q, k, v, hd**-0.5).reshape(b, tq, d)
+        out = attend(q, k, v)
         return nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype, name="out_proj")(out)
 
 
 class SiglipVisionModel(nn.Module):
-    """SigLIP vision tower: returns (last_hidden_state [B, N, D], pooler_output [B, D] or None)."""
+    """SigLIP vision tower: returns (last_hidden_state [B, N, D], pooler_output [B, D] or None).
+
+    With `navit_positions` (SmolVLM / Idefics3 towers) any patch grid is taken and
+    `patch_attention_mask` [B, gh, gw] (True = real patch) marks padding patches:
+    they get position 0 and no query attends to them (their own rows are still
+    computed, as in transformers).
+    """
 
     config: SiglipVisionConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, pixel_values: jax.Array, *, channels_first: bool = False) -> tuple[jax.Array, jax.Array | None]:
+    def __call__(
+        self, pixel_values: jax.Array, *, channels_first: bool = False, patch_attention_mask: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array | None]:
         cfg, dt, pdt = self.config, self.dtype, self.param_dtype
         if pixel_values.ndim != 4:
             raise ValueError(f"SigLIP pixel_values must be [B, H, W, C], got shape {pixel_values.shape}")
@@ -278,8 +345,13 @@ class SiglipVisionModel(nn.Module):
             )
         if channels_first:
             pixel_values = jnp.transpose(pixel_values, (0, 2, 3, 1))
-        x = SiglipVisionEmbeddings(cfg, dt, pdt, name="embeddings")(pixel_values)
-        x = SiglipEncoder(cfg, dt, pdt, name="encoder")(x)
+        if patch_attention_mask is not None and not cfg.navit_positions:
+            raise ValueError("patch_attention_mask needs a SmolVLM/Idefics3-style tower (navit_positions)")
+        x = SiglipVisionEmbeddings(cfg, dt, pdt, name="embeddings")(pixel_values, patch_attention_mask)
+        mask = None
+        if patch_attention_mask is not None:
+            mask = patch_attention_mask.reshape(x.shape[0], 1, -1).astype(bool)
+        x = SiglipEncoder(cfg, dt, pdt, name="encoder")(x, mask)
         x = _layer_norm(cfg, "post_layernorm", dt, pdt)(x)
         pooled = SiglipMultiheadAttentionPoolingHead(cfg, dt, pdt, name="head")(x) if cfg.vision_use_head else None
         return x, pooled
