@@ -148,3 +148,78 @@ def test_old_vision_model_prefix_and_unexpected_keys(tmp_path) -> None:
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     with pytest.raises(hf_dir.TensorKeyError, match="head.probe"):
         hf_dir.load_hf_dir(tmp_path / "m")
+
+
+# ----------------------------------------------------------------------------- decoder language models
+
+import jax  # noqa: E402
+import transformers  # noqa: E402
+
+from bridge.vla_loading import find_twin  # noqa: E402
+
+DECODERS = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaModel, transformers.LlamaForCausalLM),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2Model, transformers.Qwen2ForCausalLM),
+    "gemma": (transformers.GemmaConfig, transformers.GemmaModel, transformers.GemmaForCausalLM),
+}
+
+
+def _decoder(family: str, causal_lm: bool, tied: bool):
+    torch.manual_seed(1)
+    config_cls, base, causal = DECODERS[family]
+    config = config_cls(vocab_size=53, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=6, tie_word_embeddings=tied)
+    model = (causal if causal_lm else base)(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize(
+    "family,causal_lm,tied",
+    [("llama", True, False), ("llama", True, True), ("qwen2", False, False), ("qwen2", True, True),
+     ("gemma", True, True), ("gemma", False, True)],
+)  # fmt: skip
+def test_decoder_dirs_round_trip(tmp_path, family, causal_lm, tied) -> None:
+    """save_pretrained -> load_hf_dir (the rule table's variables, bit for bit) -> save_hf_dir -> from_pretrained."""
+    hf = _decoder(family, causal_lm, tied)
+    hf.save_pretrained(tmp_path / "m", max_shard_size="30KB")
+    on_disk = json.loads((tmp_path / "m" / hf_dir.INDEX_FILE).read_text())["weight_map"]
+    if causal_lm:  # a tied head is not on disk
+        assert ("lm_head.weight" in on_disk) is not tied
+    module, variables, config = hf_dir.load_hf_dir(tmp_path / "m")
+    assert ("lm_head" in variables["params"]) == (causal_lm and not tied)
+    want = find_twin(type(hf)).convert_fn(hf, hf.state_dict())
+    assert jax.tree.structure(variables) == jax.tree.structure(want)
+    assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), variables, want)))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 53, (1, 5)))
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(np.asarray(ids)))
+    got = module.apply(variables, ids)
+    want_out = ref.logits if causal_lm else ref.last_hidden_state
+    np.testing.assert_allclose(np.asarray(got), want_out.numpy(), atol=1e-5, rtol=0)
+    out = hf_dir.save_hf_dir(tmp_path / "out", config, variables, max_shard_bytes=20_000)
+    written = json.loads((out / hf_dir.INDEX_FILE).read_text())["weight_map"]
+    assert set(written) == set(on_disk)
+    back = type(hf).from_pretrained(out)
+    for key, tensor in hf.state_dict().items():
+        assert torch.equal(back.state_dict()[key], tensor), key
+
+
+def test_tied_head_present_on_disk_is_skipped(tmp_path) -> None:
+    """Some writers keep the tied copy: it is read past, not reported as unexpected."""
+    from safetensors.torch import save_file
+
+    hf = _decoder("llama", True, True)
+    hf.save_pretrained(tmp_path / "m")
+    state = {k: v.clone().contiguous() for k, v in hf.state_dict().items()}
+    assert "lm_head.weight" in state
+    save_file(state, str(tmp_path / "m" / hf_dir.SINGLE_FILE), metadata={"format": "pt"})
+    _, variables, _ = hf_dir.load_hf_dir(tmp_path / "m")
+    assert "lm_head" not in variables["params"]
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["tie_word_embeddings"] = False  # untied: the head must be there and is read
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    _, untied, _ = hf_dir.load_hf_dir(tmp_path / "m")
+    np.testing.assert_array_equal(np.asarray(untied["params"]["lm_head"]["kernel"]), state["lm_head.weight"].numpy().T)
