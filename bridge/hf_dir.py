@@ -22,7 +22,13 @@ Flax leaf the tensor `weight` becomes and how its layout changes (Linear
 a Flax leaf `a/b_3/c/kernel` goes back to `a.b.3.c.<hf leaf>` by the first rule
 with that Flax leaf name whose regex matches the rebuilt key (and which is the
 first rule for that key). `strip_prefixes` drops key prefixes older
-checkpoints carry (SigLIP's `vision_model.`).
+checkpoints carry (SigLIP's `vision_model.`); `renames` / `save_renames` map an
+on-disk layout that differs from the module tree (PaliGemma's
+`language_model.model.*`) both ways; `tied_head_key` is the head transformers
+leaves off the disk when `is_tied(config)`.
+
+Registered: SiglipVisionModel, {Llama,Qwen2,Gemma}{Model,ForCausalLM},
+SmolVLM{Model,ForConditionalGeneration}, PaliGemma{Model,ForConditionalGeneration}.
 
 Memory. Tensors are read one at a time straight from the file into a numpy
 buffer (bf16 as `ml_dtypes.bfloat16`, which numpy lacks natively), changed in

@@ -18,9 +18,15 @@ convolutions prefer; pass `channels_first=True` for HF's [B, C, H, W]. An image
 whose patch grid differs from the one the position embeddings were trained for
 is an error naming both sizes (position interpolation is not implemented).
 
+SmolVLM / Idefics3 towers (`model_type` "smolvlm_vision" / "idefics3_vision",
+`navit_positions`): the same blocks without the head, but any patch grid is
+taken, its position ids bucketed onto the trained grid (`navit_position_ids`,
+bit-exact with transformers), and an optional `patch_attention_mask` marks
+padding patches, which no query attends to.
+
 Conventions for parity with torch: LayerNorm with two-pass variance and the
 config's `layer_norm_eps`; attention softmax in float32 (transformers' eager
-path), scores scaled by head_dim ** -0.5; `hidden_act` "gelu_pytorch_tanh" is the
+path, `layers.attend`, shared with the decoders), scores scaled by head_dim ** -0.5; `hidden_act` "gelu_pytorch_tanh" is the
 tanh approximation. `dtype` is the compute dtype (float32 or bfloat16); params
 stay float32 unless `param_dtype` says otherwise. Dropout is not implemented
 (`attention_dropout` only acts in torch's training mode, which RL fine-tuning
