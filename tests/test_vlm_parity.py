@@ -281,6 +281,10 @@ def test_paligemma_base_model_and_wrong_image_size():
                                       jnp.asarray(token_type.numpy())))
     rows = mask.numpy().astype(bool)
     assert max_abs(got[rows], want.last_hidden_state.numpy()[rows]) <= TOL
+    with torch.no_grad():  # text only: image ids (outside the vocabulary) embed as id 0, nothing scattered
+        text_only = ref(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
+    got = np.asarray(jax.jit(model.apply)(variables, jnp.asarray(ids.numpy()), jnp.asarray(mask.numpy())))
+    assert max_abs(got[rows], text_only[rows]) <= TOL
     with pytest.raises(ValueError, match=r"24x24.*image_size 16x16"):
         model.apply(variables, jnp.asarray(ids.numpy()), pixel_values=jnp.zeros((3, 24, 24, 3)))
     with pytest.raises(ValueError, match=r"15 image tokens.*16 feature rows"):

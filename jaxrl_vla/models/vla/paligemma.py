@@ -152,7 +152,9 @@ class PaliGemmaModel(nn.Module):
             channels_first = False
         batch, length = input_ids.shape
         is_image = input_ids == cfg.image_token_index
-        embeds = self.language_model.embed(jnp.where(is_image, 0, input_ids))
+        # HF embeds id 0 at image tokens outside the vocabulary; inside it, their rows are replaced (with images)
+        replace = pixel_values is not None or cfg.image_token_index >= cfg.text.vocab_size
+        embeds = self.language_model.embed(jnp.where(is_image, 0, input_ids) if replace else input_ids)
         if pixel_values is not None:
             feats = self.image_features(pixel_values, channels_first=channels_first)
             if not self.is_initializing():

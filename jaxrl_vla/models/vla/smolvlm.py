@@ -211,7 +211,8 @@ class SmolVLMModel(nn.Module):
             pixel_values = jnp.ones((1, 1, v.image_size, v.image_size, v.num_channels), jnp.float32)
             channels_first = False
         is_image = input_ids == cfg.image_token_id
-        embeds = self.text_model.embed(jnp.where(is_image, 0, input_ids))
+        # with images, the image-token rows are replaced (embed id 0 there); without, HF embeds the ids as given
+        embeds = self.text_model.embed(input_ids if pixel_values is None else jnp.where(is_image, 0, input_ids))
         if pixel_values is not None:
             feats, real = self.image_features(pixel_values, pixel_attention_mask, channels_first=channels_first)
             n_real = concrete_or_none(real)
