@@ -28,7 +28,7 @@ on-disk layout that differs from the module tree (PaliGemma's
 leaves off the disk when `is_tied(config)`.
 
 Registered: SiglipVisionModel, {Llama,Qwen2,Gemma}{Model,ForCausalLM},
-SmolVLM{Model,ForConditionalGeneration}, PaliGemma{Model,ForConditionalGeneration}.
+SmolVLM{Model,ForConditionalGeneration}, Idefics3{...} (SmolVLM's twin), PaliGemma{Model,ForConditionalGeneration}.
 
 Memory. Tensors are read one at a time straight from the file into a numpy
 buffer (bf16 as `ml_dtypes.bfloat16`, which numpy lacks natively), changed in
@@ -573,6 +573,8 @@ _PALIGEMMA_WRITE = (
 _VLM_ARCHITECTURES = (
     ("SmolVLMModel", _vlm_factory("smolvlm", False), (), (), None),
     ("SmolVLMForConditionalGeneration", _vlm_factory("smolvlm", True), (), (), False),
+    ("Idefics3Model", _vlm_factory("smolvlm", False), (), (), None),  # SmolVLM's twin (same modules and forward)
+    ("Idefics3ForConditionalGeneration", _vlm_factory("smolvlm", True), (), (), False),
     ("PaliGemmaModel", _vlm_factory("paligemma", False),
      ((r"^language_model\.model\.", "language_model."), (r"^vision_tower\.vision_model\.", "vision_tower.")),
      ((r"^language_model\.", "language_model.model."),), None),

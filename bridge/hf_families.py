@@ -48,6 +48,11 @@ HF_VLM_CLASSES: dict[str, tuple[str, str, tuple[str, ...] | None]] = {
         "transformers.models.smolvlm.modeling_smolvlm", "SmolVLMForConditionalGeneration",
         ("model", "text_model", "embed_tokens"),
     ),
+    "Idefics3Model": ("transformers.models.idefics3.modeling_idefics3", "Idefics3Model", None),
+    "Idefics3ForConditionalGeneration": (
+        "transformers.models.idefics3.modeling_idefics3", "Idefics3ForConditionalGeneration",
+        ("model", "text_model", "embed_tokens"),
+    ),
     "PaliGemmaModel": ("transformers.models.paligemma.modeling_paligemma", "PaliGemmaModel", None),
     "PaliGemmaForConditionalGeneration": (
         "transformers.models.paligemma.modeling_paligemma", "PaliGemmaForConditionalGeneration",

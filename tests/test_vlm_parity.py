@@ -160,6 +160,33 @@ def test_smolvlm_pixel_attention_mask_and_logits():
         assert max_abs(plain, out.logits.numpy()) > 1e-3  # the mask mattered
 
 
+def test_idefics3_uses_the_smolvlm_twin(tmp_path):
+    """Idefics3 (SmolVLM's parent): same twin; logits, export bit for bit, directory round trip."""
+    c = smol_config("gqa").to_dict()
+    cfg = transformers.Idefics3Config(vision_config=dict(SMOL_CASES["gqa"]["vision"]), text_config=c["text_config"],
+                                      scale_factor=2, image_token_id=IMG, tie_word_embeddings=False)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    ref = perturb(transformers.Idefics3ForConditionalGeneration(cfg), 0)
+    twin = find_twin(type(ref))
+    variables = twin.convert_fn(ref, ref.state_dict())
+    model = smolvlm.SmolVLMForConditionalGeneration(smolvlm.SmolVLMConfig.from_hf_dict(cfg.to_dict()))
+    ids, mask, pix = smol_inputs(smol_config("gqa"), 16, seed=4, padding="right")
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask, pixel_values=pix).logits.numpy()
+    got = run_smol(jit_apply(model), variables, ids, mask, pix)
+    rows = mask.numpy().astype(bool)
+    assert max_abs(got[rows], want[rows]) <= TOL
+    fresh = transformers.Idefics3ForConditionalGeneration(cfg)
+    fresh.load_state_dict(twin.export_fn(fresh, variables), strict=True)
+    assert all(torch.equal(fresh.state_dict()[k], t) for k, t in ref.state_dict().items())
+    ref.save_pretrained(tmp_path / "m")
+    module, loaded, config = hf_dir.load_hf_dir(tmp_path / "m")
+    assert isinstance(module, smolvlm.SmolVLMForConditionalGeneration)
+    back = type(ref).from_pretrained(hf_dir.save_hf_dir(tmp_path / "out", config, loaded))
+    assert all(torch.equal(back.state_dict()[k], t) for k, t in ref.state_dict().items())
+
+
 def test_navit_position_ids_match_transformers():
     """SmolVLM's bucketed positions, read off HF's embedding module (conv zeroed, table row r = r)."""
     for side in range(1, 65):

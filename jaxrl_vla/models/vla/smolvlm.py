@@ -1,5 +1,8 @@
 """Flax twins of transformers' `SmolVLMModel` / `SmolVLMForConditionalGeneration` (SmolVLM2, SmolVLA's VLM).
 
+The same twins serve `Idefics3Model` / `Idefics3ForConditionalGeneration`, which
+SmolVLM was derived from: identical modules and forward (model_type "idefics3").
+
 Composition only, no copied blocks: the vision tower is `siglip.SiglipVisionModel`
 with SmolVLM's NaViT-style positions (`navit_positions`), the connector a
 pixel shuffle + one bias-free Linear, the text model `llama.DecoderLM`.
@@ -113,10 +116,13 @@ class SmolVLMConfig:
     @classmethod
     def from_hf_dict(cls, config: Mapping[str, Any]) -> "SmolVLMConfig":
         """From a SmolVLMConfig dict (config.json or `to_dict()`); unimplemented options raise by name."""
-        if config.get("model_type") != "smolvlm":
-            raise VLMConfigError(f"model_type {config.get('model_type')!r} is not a SmolVLM config ('smolvlm')")
+        vision_types = {"smolvlm": "smolvlm_vision", "idefics3": "idefics3_vision"}
+        if config.get("model_type") not in vision_types:
+            raise VLMConfigError(
+                f"model_type {config.get('model_type')!r} is not a SmolVLM config (one of {sorted(vision_types)})"
+            )
         vision = sub_config(config, "vision_config", "SmolVLM")
-        vision.setdefault("model_type", "smolvlm_vision")
+        vision.setdefault("model_type", vision_types[config["model_type"]])
         text = sub_config(config, "text_config", "SmolVLM")
         text.setdefault("model_type", "llama")
         text.setdefault("rms_norm_eps", 1e-5)  # HF's SmolVLM default for its text config
