@@ -528,7 +528,8 @@ def _vlm_factory(family: str, conditional: bool) -> Callable[[dict[str, Any]], t
         if family == "smolvlm":
             from jaxrl_vla.models.vla import smolvlm as mod
 
-            cfg, base, top = mod.SmolVLMConfig.from_hf_dict(config), mod.SmolVLMModel, mod.SmolVLMForConditionalGeneration
+            cfg, base = mod.SmolVLMConfig.from_hf_dict(config), mod.SmolVLMModel
+            top = mod.SmolVLMForConditionalGeneration
         else:
             from jaxrl_vla.models.vla import paligemma as mod
 

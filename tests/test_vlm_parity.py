@@ -372,7 +372,8 @@ def test_hf_directory_round_trip(tmp_path, kind, case, cls):
         assert any(k.endswith("lm_head.weight") for k in on_disk) is not tied
     module, variables, config = hf_dir.load_hf_dir(tmp_path / "m")
     want = find_twin(cls).convert_fn(ref, ref.state_dict())
-    flat_got, flat_want = jax.tree_util.tree_leaves_with_path(variables), dict(jax.tree_util.tree_leaves_with_path(want))
+    flat_got = jax.tree_util.tree_leaves_with_path(variables)
+    flat_want = dict(jax.tree_util.tree_leaves_with_path(want))
     assert len(flat_got) == len(flat_want)
     for path, leaf in flat_got:
         assert np.array_equal(np.asarray(leaf), np.asarray(flat_want[path])), path
@@ -394,7 +395,8 @@ def test_paligemma_transformers4_layout_on_disk(tmp_path):
     ref.save_pretrained(tmp_path / "m")
     legacy = {}
     for key, tensor in ref.state_dict().items():
-        key = key.replace("model.language_model.", "language_model.model.").replace("lm_head.", "language_model.lm_head.")
+        key = key.replace("model.language_model.", "language_model.model.")
+        key = key.replace("lm_head.", "language_model.lm_head.")
         key = key.replace("model.vision_tower.", "vision_tower.vision_model.").replace(
             "model.multi_modal_projector.", "multi_modal_projector.")
         legacy[key] = tensor.contiguous()

@@ -26,8 +26,8 @@ padding patches, which no query attends to.
 
 Conventions for parity with torch: LayerNorm with two-pass variance and the
 config's `layer_norm_eps`; attention softmax in float32 (transformers' eager
-path, `layers.attend`, shared with the decoders), scores scaled by head_dim ** -0.5; `hidden_act` "gelu_pytorch_tanh" is the
-tanh approximation. `dtype` is the compute dtype (float32 or bfloat16); params
+path, `layers.attend`, shared with the decoders), scores scaled by
+head_dim ** -0.5; `hidden_act` "gelu_pytorch_tanh" is the tanh approximation. `dtype` is the compute dtype (float32 or bfloat16); params
 stay float32 unless `param_dtype` says otherwise. Dropout is not implemented
 (`attention_dropout` only acts in torch's training mode, which RL fine-tuning
 and the parity tests run without).
@@ -90,7 +90,9 @@ class SiglipVisionConfig:
     def __post_init__(self) -> None:
         for key in ("image_size", "patch_size"):
             if isinstance(getattr(self, key), bool) or not isinstance(getattr(self, key), int):
-                raise SiglipConfigError(f"{key}={getattr(self, key)!r}: only a single int (square images) is implemented")
+                raise SiglipConfigError(
+                    f"{key}={getattr(self, key)!r}: only a single int (square images) is implemented"
+                )
         if self.hidden_size % self.num_attention_heads:
             raise SiglipConfigError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})"

@@ -282,7 +282,3 @@ class SmolVLMForConditionalGeneration(nn.Module):
     def __call__(self, *args: Any, **kwargs: Any) -> jax.Array:
         return self.head(self.model(*args, **kwargs))
 
-
-def dummy_inputs(config: SmolVLMConfig, batch: int = 1) -> jax.Array:
-    """Example input_ids for `init` (the module builds its vision tower on dummy pixels while initialising)."""
-    return jnp.zeros((batch, 1), jnp.int32)
