@@ -120,7 +120,7 @@ def test_cli_names_a_bad_encoder_and_writes_nothing(tmp_path, capsys, overrides,
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "runs").exists()
 
-@pytest.mark.slow
+@pytest.mark.long  # ~10 min on 2 cores: python -m pytest -m long
 def test_vl_reach_from_pixels_learns(tmp_path) -> None:
     """configs/vl_reach_cnn.json's agent (Nature-CNN on VLReach's 36x36 rgb + proprio + instruction, two
     objects) for 32 iterations: the training return climbs from a random policy's (about -0.1 to 0.1:
