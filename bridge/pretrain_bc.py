@@ -94,7 +94,7 @@ ENV_ID = "VLReach-v0"
 # progress_distance="path": the shaped reward measures progress along the route that keeps clear of
 # the other objects, so it rewards the detour the expert takes instead of punishing it (with the
 # straight-line distance and gamma 0.99, a 256-sample PPO minibatch's gradient pointed ~5x less well
-# at the expert's direction: benchmarks/finetune_signal.py, README "The fine-tuning example").
+# at the expert's direction: benchmarks/probes/finetune_signal.py, README "The fine-tuning example").
 # detour_bias=0.1: the expert passes an object in its way on the object's right side unless the left
 # is shorter by more than 0.1 (a side chosen by the layout jitter is a coin toss that a cloned policy
 # averages into the straight line; see VLReach's docstring), and the path reward measures that route.
@@ -127,7 +127,7 @@ MODEL_CONFIG: dict[str, Any] = {
     "image_size": 64,
     "value_hidden_dim": 64,
     "init_log_std": -1.0,
-    # Depth and order decide how well the trunk grounds the instruction (benchmarks/trunk_bc.py, BENCHMARKS.md
+    # Depth and order decide how well the trunk grounds the instruction (benchmarks/probes/trunk_bc.py, BENCHMARKS.md
     # #trunk_bc: on the same frozen image features, 4 layers instruction-first cloned to 78% and held-out action
     # MSE 0.080, 2 layers image-first to 66% / 0.152). Instruction first, each image token can attend to the words
     # and flag whether it holds the named object; the readout (last token) then attends to the flagged one.

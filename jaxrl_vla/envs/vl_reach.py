@@ -185,7 +185,7 @@ GRID_CELLS = 4  # layout grid per side
 # r = 0.07 on 64 px: square 81, circle 63, triangle 45 pixels). Why not a square of about the circle's
 # area (half-side 0.85 r, as before): at 64 px the two then differ in a few edge pixels, and the
 # frozen image tokens of the fine-tuning example's BC-trained ResNet told only 93.2% of objects apart
-# (benchmarks/vision_probe.py, MLP probe), nearly every error a square taken for a circle or back;
+# (benchmarks/probes/vision_probe.py, MLP probe), nearly every error a square taken for a circle or back;
 # with the corners drawn, 98.6%.
 SQUARE_HALF_SIDE = 1.0
 OBJECT_HEIGHT = 0.1

@@ -1,7 +1,7 @@
 """What PPO's budget could teach the pretrained VLA with perfect labels: the fine-tuning ceiling.
 
-    python benchmarks/finetune_ceiling.py                     # ~15 min on 2 cores
-    python benchmarks/finetune_ceiling.py --runs vision:3e-4 --rounds 25 --no-write
+    python benchmarks/probes/finetune_ceiling.py                     # ~15 min on 2 cores
+    python benchmarks/probes/finetune_ceiling.py --runs vision:3e-4 --rounds 25 --no-write
 
 Why this exists: PPO fine-tuning of the behaviour-cloned checkpoint
 (benchmarks/finetune_curve.py) holds its success rate flat, and
@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(HERE))  # for _report and finetune_signal (its collection, evaluation, config arguments)
+REPO = HERE.parents[1]
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # this folder and benchmarks/ for _report and finetune_signal (its collection, evaluation, config arguments)
 if str(REPO) not in sys.path:
     sys.path.insert(1, str(REPO))
 
@@ -155,7 +155,7 @@ def markdown(rows: list[dict], args: argparse.Namespace, seconds: float) -> str:
         "steps from the current stochastic policy) and runs its update (2 epochs x 2 minibatches of 1,024, the "
         "learner's optimiser and freeze mask), with the loss replaced by the action-mean MSE to the privileged "
         "scripted expert on the same states. Success: the same 256 deterministic episodes at every row. "
-        "Produced by `python benchmarks/finetune_ceiling.py`.",
+        "Produced by `python benchmarks/probes/finetune_ceiling.py`.",
         "",
         "| run | round | env steps | Adam steps | success | expert-action MSE (last round) |",
         "|---|---:|---:|---:|---:|---:|",

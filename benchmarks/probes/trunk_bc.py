@@ -1,7 +1,7 @@
 """How fast the VLA's trunk learns VLReach from expert labels, by trunk architecture, on frozen image features.
 
-    python benchmarks/trunk_bc.py                      # ~15 min on 2 cores: four trunks, 4 epochs each
-    python benchmarks/trunk_bc.py --variants instruction_first:4 --epochs 2 --save /tmp/trunk.safetensors --no-write
+    python benchmarks/probes/trunk_bc.py                      # ~15 min on 2 cores: four trunks, 4 epochs each
+    python benchmarks/probes/trunk_bc.py --variants instruction_first:4 --epochs 2 --save /tmp/trunk.safetensors --no-write
 
 Why this exists: PPO fine-tuning and behaviour cloning of the example model
 both stall in the 60-70% range, and `benchmarks/vision_probe.py` shows that
@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(HERE))  # for _report, finetune_signal (config arguments, build) and vision_probe
+REPO = HERE.parents[1]
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # this folder and benchmarks/ for _report, finetune_signal (config arguments, build) and vision_probe
 if str(REPO) not in sys.path:
     sys.path.insert(1, str(REPO))
 
@@ -171,7 +171,7 @@ def markdown(rows: list[dict], info: dict, args: argparse.Namespace, seconds: fl
         f"{args.lr:g} decayed to 10%, action MSE + 0.5 x value MSE); success: {args.eval_episodes} deterministic "
         "episodes of ResNet + trunk in the JAX env. Variants: `token_order` (image_first = [img, proprio, lang], "
         "the example's; instruction_first = [lang, img, proprio]) and GPT-2 layers. "
-        "Produced by `python benchmarks/trunk_bc.py`.",
+        "Produced by `python benchmarks/probes/trunk_bc.py`.",
         "",
         "| trunk | epoch | train loss (action + 0.5 x value) | held-out action MSE | success | s |",
         "|---|---:|---:|---:|---:|---:|",

@@ -1,7 +1,7 @@
 """How well the pretrained VLA's frozen image tokens tell VLReach's objects apart: a probe per cell.
 
-    python benchmarks/vision_probe.py                 # ~2 min on 2 cores
-    python benchmarks/vision_probe.py --no-write
+    python benchmarks/probes/vision_probe.py                 # ~2 min on 2 cores
+    python benchmarks/probes/vision_probe.py --no-write
 
 Why this exists: the example fine-tuned with the BC-trained ResNet frozen
 (`policy.freeze: ["vision"]`) until 2026-12-06 (it now trains it at 0.3 of the
@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(HERE))  # for _report and finetune_signal (its config arguments and build)
+REPO = HERE.parents[1]
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # this folder and benchmarks/ for _report and finetune_signal (its config arguments and build)
 if str(REPO) not in sys.path:
     sys.path.insert(1, str(REPO))
 
@@ -160,7 +160,7 @@ def markdown(rows: list[dict], info: dict, args: argparse.Namespace, seconds: fl
         f"in all), encoded by the checkpoint's ResNet into {info['tokens']} tokens of {info['channels']} channels "
         "(what the example's rollout stores with the encoder frozen); each token labelled with its cell's content "
         f"(empty or one pair) from the env's state; probes fitted on {info['train_scenes']:,} scenes ({args.steps} "
-        "full-batch Adam steps), accuracies on the rest. Produced by `python benchmarks/vision_probe.py`.",
+        "full-batch Adam steps), accuracies on the rest. Produced by `python benchmarks/probes/vision_probe.py`.",
         "",
         "| probe | occupied cells: pair read right | empty cells read empty | all cells | train loss |",
         "|---|---:|---:|---:|---:|",

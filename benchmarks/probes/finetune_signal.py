@@ -1,7 +1,7 @@
 """How much does one PPO batch teach the pretrained VLA? Policy-gradient quality on VLReach.
 
-    python benchmarks/finetune_signal.py                       # ~10 min on 2 cores
-    python benchmarks/finetune_signal.py --lambdas 0.95 --batches 2 --no-write
+    python benchmarks/probes/finetune_signal.py                       # ~10 min on 2 cores
+    python benchmarks/probes/finetune_signal.py --lambdas 0.95 --batches 2 --no-write
 
 Why this exists: fine-tuning the behaviour-cloned checkpoint with PPO
 (benchmarks/finetune_curve.py) does not raise its success rate within the
@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(HERE))  # for _report
+REPO = HERE.parents[1]
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # this folder and benchmarks/ for _report
 if str(REPO) not in sys.path:
     sys.path.insert(1, str(REPO))
 
@@ -306,7 +306,7 @@ def markdown(rows: list[dict], info: dict, args: argparse.Namespace) -> str:
         f"{info['gamma']}. alignment = cosine between a batch's gradient and the expert-BC gradient pooled over "
         "all samples (PPO: policy loss with normalised GAE advantages; BC: action-mean MSE to the expert, the "
         "supervised signal at the same size); consistency = cosine between the PPO gradients of disjoint batches. "
-        "Produced by `python benchmarks/finetune_signal.py`.",
+        "Produced by `python benchmarks/probes/finetune_signal.py`.",
         "",
         "| GAE lambda | batch | batches | PPO alignment | BC alignment | PPO consistency |",
         "|---:|---:|---:|---:|---:|---:|",
