@@ -100,6 +100,12 @@ SCHEMA: dict[str, Any] = {
             "process_id": Field(int, None, "this process's index in [0, num_processes) (null: $JAX_PROCESS_ID); only process 0 logs, writes metrics and config.json, every process writes its shards of the checkpoints", _nonneg, ">= 0", nullable=True),
             "timeout": Field((int, float), 60, "seconds to wait for the coordinator (and every process) before the run fails with a named error", _pos, "> 0"),
         },
+        "collectors": {
+            "backend": Field(str, "threads", "vla mode: where collectors run: 'threads' (threads of this process) or 'ray' (each collector's envs and an inference copy of the policy in a Ray actor, possibly on another machine; parameters go through Ray's object store once per version; the ray extra, docs/scaling.md)", *_one_of("threads", "ray")),
+            "num": Field(int, None, "ray: collector actors, each with num_envs / num Ray envs (null: trainer.num_collectors)", _pos, "> 0", nullable=True),
+            "address": Field(str, None, "ray: host:port of the Ray cluster's head (`ray start --head` prints it) or 'auto'; null: the cluster this process already joined, else a local one", nullable=True),
+            "max_restarts": Field(int, 0, "ray: times a dead collector actor is replaced by a new one (its envs restart from reset) before the run fails with CollectorError", _nonneg, ">= 0"),
+        },
     },
     "algorithm": {
         "name": Field(str, "ppo", "algorithm: 'ppo' (clipped PPO with a critic and GAE) or 'grpo' (critic-free: groups of algorithm.cfg.group_size rollouts from one initial state, each step's advantage its episode's outcome normalised within the group; standard mode with a JAX-native env; trainer.buffer_size is the episode step limit, one episode per env per iteration)", *_one_of("ppo", "grpo")),

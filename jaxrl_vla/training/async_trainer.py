@@ -327,6 +327,7 @@ class AsyncTrainer(Trainer):
         *,
         num_collectors: int = 1,
         env_step_timeout: float = 60.0,
+        collectors: dict | None = None,
         **kwargs: Any,
     ):
         if buffer_type is None:  # built by Trainer(...): its default, "standard"; AsyncTrainer(...): "vla"
@@ -344,6 +345,12 @@ class AsyncTrainer(Trainer):
             )
         num_envs = int(kwargs.get("num_envs", 1))
         self.async_mode = buffer_type == "vla"
+        if collectors is None:  # built from a config: its trainer.collectors section
+            collectors = ((kwargs.get("config") or {}).get("trainer") or {}).get("collectors")
+        from jaxrl_vla.training import ray_collectors  # the backend hook; Ray itself is imported only when chosen
+
+        self._remote = ray_collectors.settings(collectors, num_collectors, self.async_mode)
+        num_collectors = self._remote.num if self._remote is not None else num_collectors
         if self.async_mode:
             steps = steps_for_capacity(int(buffer_size), num_envs)
             if num_collectors < 1 or num_envs % num_collectors:
@@ -373,6 +380,8 @@ class AsyncTrainer(Trainer):
         self._abandoned: list[Collector] = []
         self._collect_stop = threading.Event()
         self._eval_env: HostVecEnv | None = None
+        if self._remote is not None:  # before anything is written: an unreachable address fails here
+            ray_collectors.connect(self._remote)
 
     # ------------------------------------------------------------------ setup
 
@@ -488,6 +497,14 @@ class AsyncTrainer(Trainer):
         for c in range(self.num_collectors):
             buffer = VLABuffer(example, self.buffer_size * per_collector, example_obs=obs, overwrite=False)
             env_seed = self.seed + 1_000 * (start_iteration + 1) + 97 * c
+            if self._remote is not None:  # trainer.collectors.backend 'ray': envs and an inference copy in an actor
+                from jaxrl_vla.training.ray_collectors import ParamsCache, RayCollector
+
+                cache = cache if c else ParamsCache(self.store)
+                self.collectors.append(RayCollector(c, self, per_collector, env_seed, buffer, cache,
+                                                    jax.random.fold_in(base_key, c), example.value.dtype,
+                                                    self._remote.max_restarts))
+                continue
             env = self.host_env.make(per_collector, env_seed)
             self.collectors.append(
                 Collector(c, env, buffer, self.store, self.infer, self.final_values,
