@@ -102,7 +102,7 @@ SCHEMA: dict[str, Any] = {
         },
         "collectors": {
             "backend": Field(str, "threads", "vla mode: where collectors run: 'threads' (threads of this process) or 'ray' (each collector's envs and an inference copy of the policy in a Ray actor, possibly on another machine; parameters go through Ray's object store once per version; the ray extra, docs/scaling.md)", *_one_of("threads", "ray")),
-            "num": Field(int, None, "ray: collector actors, each with num_envs / num Ray envs (null: trainer.num_collectors)", _pos, "> 0", nullable=True),
+            "num": Field(int, None, "ray: collector actors, each stepping num_envs / num envs (null: trainer.num_collectors)", _pos, "> 0", nullable=True),
             "address": Field(str, None, "ray: host:port of the Ray cluster's head (`ray start --head` prints it) or 'auto'; null: the cluster this process already joined, else a local one", nullable=True),
             "max_restarts": Field(int, 0, "ray: times a dead collector actor is replaced by a new one (its envs restart from reset) before the run fails with CollectorError", _nonneg, ">= 0"),
         },
