@@ -21,10 +21,14 @@ The registry maps torch classes to twins:
         action_dim: int
         def setup(self):
             self.net = [nn.Dense(self.hidden), nn.Dense(self.action_dim)]   # -> net_0, net_1
+            self.value = nn.Dense(1)
             self.log_std = self.param("log_std", nn.initializers.zeros, (self.action_dim,))
-        ...
+        def __call__(self, obs):
+            h = jnp.tanh(self.net[0](obs))
+            return DiagGaussian(self.net[1](h), self.log_std), self.value(h)[:, 0]
 
-    # torch: class MLPPolicy(nn.Module): self.net = nn.ModuleList([Linear, Linear]); self.log_std = Parameter
+    # torch: class MLPPolicy(nn.Module): self.net = nn.ModuleList([Linear(obs_dim, hidden), Linear(hidden, action_dim)]);
+    #        self.value = Linear(hidden, 1); self.log_std = Parameter(torch.zeros(action_dim))
     register_twin(
         "my_pkg.policies.MLPPolicy",                     # or the class itself
         lambda cfg: (FlaxMLPPolicy(cfg["hidden"], cfg["action_dim"]), jnp.zeros((1, cfg["obs_dim"]))),
@@ -413,6 +417,8 @@ def register_twin(
     convert_fn(torch_model, state_dict) -> Flax variables; default: the rule table.
     export_fn(torch_model, variables) -> state_dict; default: the rule table inverted.
     torch_factory(cls, model_config) -> torch model; default: `cls(**model_config)`.
+    A complete, tested example (a torch policy, its twin, training from a config, export):
+    bridge/examples/tiny_vla.py and docs/bring_your_own_vla.md.
     value_head: the torch module names of the critic (e.g. ("value_fc", "value_out")): a checkpoint
     without them (a behaviour-cloned policy) still loads for critic-free training (GRPO), the
     twin's freshly initialised value head in their place.

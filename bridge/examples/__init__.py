@@ -1,0 +1,1 @@
+"""Worked examples of the bridge (docs/bring_your_own_vla.md)."""
