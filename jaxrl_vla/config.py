@@ -88,7 +88,7 @@ SCHEMA: dict[str, Any] = {
         "env_step_timeout": Field((int, float), 60.0, "vla mode: seconds an env step or inference may take before the run fails", _pos, "> 0"),
         "progress": Field(bool, True, "show the progress bar"),
         "max_episode_steps": Field(int, None, "steps after which an evaluation episode is cut, and a run warns once when an env has ended no episode within it (an env without a time limit never reports a return); null: the env's own limit (its max_episode_steps, else 1000)", _pos, "> 0", nullable=True),
-        "cpu_devices": Field(int, 0, "CPU only: split the host into this many JAX devices, so the mesh spans the cores (the env batch and every PPO minibatch are split over them; one XLA program per core keeps them busier than one program's threads: the VLA example's iteration 1.14 s -> 0.87 s on 2 cores, while a small MLP's update is too short for the all-reduce between devices: CartPole 3.7 -> 52 ms); must divide num_envs and batch_size; 0: auto, for a vla policy in standard mode with a JAX env the largest count <= the cores that divides both, else 1; 1: off. Takes effect in `python -m jaxrl_vla.train` (before JAX starts); a JAX_NUM_CPU_DEVICES or XLA_FLAGS device count wins; GPU/TPU devices are unaffected", _nonneg, ">= 0"),
+        "cpu_devices": Field(int, 0, "CPU only: split the host into this many JAX devices, so the mesh spans the cores (the env batch and every PPO minibatch are split over them; one XLA program per core keeps them busier than one program's threads for a VLA, while a small MLP's update is too short to pay for the all-reduce between devices: BENCHMARKS.md#scaling); must divide num_envs and batch_size; 0: auto, for a vla policy in standard mode with a JAX env the largest count <= the cores that divides both, else 1; 1: off. Takes effect in `python -m jaxrl_vla.train` (before JAX starts); a JAX_NUM_CPU_DEVICES or XLA_FLAGS device count wins; GPU/TPU devices are unaffected", _nonneg, ">= 0"),
         "iterations_per_call": Field(int, 0, "standard mode, JAX-native env: iterations run by one jitted call (a loop over iterations inside jit, which saves the per-call dispatch and sync; metrics.jsonl still gets one record per iteration); must divide eval_freq and save_freq (when > 0) so that no call straddles an evaluation or a checkpoint; 0: auto, each call as many iterations as fill ~0.25 s at the measured iteration time, up to the largest such value <= 32 and <= the run's iterations", _nonneg, ">= 0"),
         "mesh": {
             "data": Field(int, 0, "devices along the mesh's 'data' axis (docs/scaling.md); data x fsdp must equal the device count of all processes; 0: all the devices fsdp leaves", _nonneg, ">= 0"),
@@ -272,8 +272,11 @@ def _closest(key: str, valid: list[str]) -> str:
 
 
 def _type_name(kind: type | tuple[type, ...]) -> str:
+    """The type as users say it: an integer is a number too, so (int, float) reads "a number"."""
     kinds = kind if isinstance(kind, tuple) else (kind,)
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true/false", list: "a list", dict: "an object"}
+    if int in kinds and float in kinds:
+        kinds = tuple(k for k in kinds if k is not int)
+    names = {int: "an integer", float: "a number", str: "text", bool: "true/false", list: "a list", dict: "an object"}
     return " or ".join(dict.fromkeys(names.get(k, k.__name__) for k in kinds))
 
 
