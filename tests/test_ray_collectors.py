@@ -4,6 +4,8 @@ version tagging, a killed actor (error or restart), an unreachable address."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import threading
 import time
@@ -91,10 +93,10 @@ class Recording(AsyncTrainer):
 pytestmark = pytest.mark.filterwarnings("ignore:config.json cannot name the env")
 
 
-def make_trainer(env: Any, tmp_path: Path, cls: type = Recording, **collectors: Any) -> AsyncTrainer:
+def make_trainer(env: Any, tmp_path: Path, cls: type = Recording, log_fn: Any = None, **collectors: Any) -> AsyncTrainer:
     return cls(ActorCritic(env.action_space, hidden_sizes=(8,)), env, PPOConfig(batch_size=16, n_epochs=1),
                buffer_size=32, buffer_type="vla", num_envs=4, eval_freq=0, save_freq=0, output_dir=tmp_path,
-               progress=False, seed=0, collectors={"backend": "ray", "num": 2, **collectors})
+               progress=False, seed=0, log_fn=log_fn, collectors={"backend": "ray", "num": 2, **collectors})
 
 
 def test_async_example_trains_with_ray_collectors_from_the_config(tmp_path: Path) -> None:
@@ -176,3 +178,21 @@ def test_unreachable_address_names_the_field_and_writes_nothing(tmp_path: Path) 
     with pytest.raises(ConfigError, match="trainer.collectors.backend"):
         make_trainer(StepEnv(), tmp_path, backend="processes")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_stops_the_run_and_ends_the_actors(tmp_path: Path) -> None:
+    actors: list[Any] = []
+
+    def interrupt_after_two(record: dict) -> None:
+        if record["iteration"] == 2:
+            actors.extend(c.actor for c in trainer.collectors)
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C does
+
+    trainer = make_trainer(StepEnv(delay=0.01), tmp_path, log_fn=interrupt_after_two)
+    state = trainer.train(total_timesteps=10 * trainer.samples_per_iteration)
+    assert trainer.interrupted and int(state.iteration) == 2
+    assert [t for t in threading.enumerate() if t.name.startswith("jaxrl-collector")] == []
+    assert len(actors) == 2
+    for actor in actors:
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actor.modules.remote(), timeout=10)
