@@ -143,7 +143,9 @@ class PaliGemmaModel(nn.Module):
         *,
         position_ids: jax.Array | None = None,
         channels_first: bool = False,
-    ) -> jax.Array:
+        return_kv: bool = False,
+    ) -> jax.Array | tuple[jax.Array, tuple]:
+        """`return_kv`: also the language model's per-layer (k, v) of the whole prompt (an action head's prefix)."""
         cfg = self.config
         input_ids = jnp.asarray(input_ids).astype(jnp.int32)
         if pixel_values is None and self.is_initializing():  # create the tower's parameters too
@@ -164,7 +166,7 @@ class PaliGemmaModel(nn.Module):
         if position_ids is None:
             position_ids = jnp.arange(length) + 1
         mask = prefix_lm_mask(attention_mask, token_type_ids, batch, length)
-        return self.language_model(inputs_embeds=embeds, position_ids=position_ids, mask=mask)
+        return self.language_model(inputs_embeds=embeds, position_ids=position_ids, mask=mask, return_kv=return_kv)
 
 
 class _Projector(nn.Module):

@@ -209,7 +209,9 @@ class SmolVLMModel(nn.Module):
         *,
         position_ids: jax.Array | None = None,
         channels_first: bool = False,
-    ) -> jax.Array:
+        return_kv: bool = False,
+    ) -> jax.Array | tuple[jax.Array, tuple]:
+        """`return_kv`: also the text model's per-layer (k, v) of the whole prompt (an action head's prefix)."""
         cfg = self.config
         input_ids = jnp.asarray(input_ids).astype(jnp.int32)
         if pixel_values is None and self.is_initializing():  # create the tower's parameters too
@@ -227,7 +229,7 @@ class SmolVLMModel(nn.Module):
                 check_image_token_count(input_ids, cfg.image_token_id, rows, "SmolVLM")
             embeds = merge_image_features(embeds, is_image, feats)
         return self.text_model(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, return_kv=return_kv
         )
 
 

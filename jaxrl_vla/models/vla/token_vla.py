@@ -11,10 +11,16 @@ D tokens), so the ratio is exact; the env receives the bins' centres.
 
 The value is read from the prompt's last real token by a linear head (a new head
 on a pretrained LM; GRPO does without it).
+
+With `vlm` (a `SmolVLMConfig` or `PaliGemmaConfig`) the prompt is a vision-language one:
+the image observation (`image_key`, uint8 HWC) goes through the VLM's SigLIP tower and
+connector / projector into the image tokens placed before the instruction, exactly as the
+VLM twin computes it, and the action tokens follow; the LM is the VLM's text model and head.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -112,6 +118,8 @@ class TokenVLA(nn.Module):
     dtype: Any = jnp.float32
     input_key: str = "input_ids"  # the observation keys of the prompt's token ids and its mask
     mask_key: str = "attention_mask"
+    vlm: Any = None  # SmolVLMConfig | PaliGemmaConfig: image tokens from its tower before the prompt
+    image_key: str = "rgb"
 
     @property
     def action_chunk(self) -> int:
@@ -120,21 +128,84 @@ class TokenVLA(nn.Module):
     def setup(self) -> None:
         if self.head.vocab_size != self.decoder.vocab_size:
             raise ValueError(f"action head vocab_size {self.head.vocab_size} != the LM's {self.decoder.vocab_size}")
-        self.lm = DecoderForCausalLM(self.decoder, self.dtype)
+        if self.vlm is None:
+            self.lm = DecoderForCausalLM(self.decoder, self.dtype)
+        else:
+            if self.vlm.text != self.decoder:
+                raise ValueError("TokenVLA: decoder must be the VLM's text config (vlm.text)")
+            self.lm = vlm_class(self.vlm)(self.vlm, self.dtype)
         self.value_head = nn.Dense(1, dtype=jnp.float32, kernel_init=nn.initializers.normal(0.01))
 
-    def __call__(self, obs: Mapping[str, jax.Array]) -> tuple[TokenChainDist, jax.Array]:
+    def _prompt(self, obs: Mapping[str, jax.Array]) -> tuple[jax.Array, Any, jax.Array, int]:
+        """(hidden [B, T, H], per-layer kv, mask [B, T], position offset) of the whole prompt."""
+        ids = jnp.asarray(obs[self.input_key]).astype(jnp.int32)
         mask = jnp.asarray(obs[self.mask_key]).astype(bool)
-        hidden, kv = self.lm.hidden(obs[self.input_key], mask, return_kv=True)
+        if self.vlm is None:
+            hidden, kv = self.lm.hidden(ids, mask, return_kv=True)
+            return hidden, kv, mask, 0
+        ids, mask, pixels, offset = with_image_tokens(self.vlm, ids, mask, obs[self.image_key])
+        hidden, kv = self.lm.hidden(ids, mask, pixels, return_kv=True)
+        return hidden, kv, mask, offset
+
+    def _continuation(self) -> tuple[DecoderForCausalLM, dict]:
+        """The unbound causal LM that scores action tokens after the prompt, and its parameters."""
+        if self.vlm is None:
+            return DecoderForCausalLM(self.decoder, self.dtype, parent=None), {"params": self.lm.variables["params"]}
+        params = self.lm.variables["params"]
+        text = {"model": params["model"][vlm_text_scope(self.vlm)]}
+        if "lm_head" in params:
+            text["lm_head"] = params["lm_head"]
+        decoder = dataclasses.replace(self.vlm.text, tie_word_embeddings=bool(self.vlm.tie_word_embeddings))
+        return DecoderForCausalLM(decoder, self.dtype, parent=None), {"params": text}
+
+    def __call__(self, obs: Mapping[str, jax.Array]) -> tuple[TokenChainDist, jax.Array]:
+        hidden, kv, mask, offset = self._prompt(obs)
         last = last_real_index(mask)
         readout = take_rows(hidden, last)
         value = self.value_head(readout.astype(jnp.float32))[:, 0]
         first_logits = self.lm.head(readout[:, None])[:, 0].astype(jnp.float32)
-        lm = DecoderForCausalLM(self.decoder, self.dtype, parent=None)  # unbound: applied purely by the dist
-        params = {"params": self.lm.variables["params"]}
+        lm, params = self._continuation()  # unbound: applied purely by the dist
         action_dim = self.action_shape[1]
         low = jnp.broadcast_to(jnp.asarray(self.low, jnp.float32), (action_dim,))
         high = jnp.broadcast_to(jnp.asarray(self.high, jnp.float32), (action_dim,))
-        dist = TokenChainDist(params, kv, mask, first_logits, last, low, high, lm, self.head,
+        dist = TokenChainDist(params, kv, mask, first_logits, last + offset, low, high, lm, self.head,
                               tuple(self.action_shape))
         return dist, value
+
+
+def vlm_class(vlm: Any) -> type:
+    """The *ForConditionalGeneration twin of a VLM config."""
+    from jaxrl_vla.models.vla.paligemma import PaliGemmaConfig, PaliGemmaForConditionalGeneration
+    from jaxrl_vla.models.vla.smolvlm import SmolVLMConfig, SmolVLMForConditionalGeneration
+
+    if isinstance(vlm, SmolVLMConfig):
+        return SmolVLMForConditionalGeneration
+    if isinstance(vlm, PaliGemmaConfig):
+        return PaliGemmaForConditionalGeneration
+    raise TypeError(f"vlm must be a SmolVLMConfig or PaliGemmaConfig, got {type(vlm).__name__}")
+
+
+def vlm_text_scope(vlm: Any) -> str:
+    """Where the VLM twin keeps its text model's parameters (under "model")."""
+    from jaxrl_vla.models.vla.smolvlm import SmolVLMConfig
+
+    return "text_model" if isinstance(vlm, SmolVLMConfig) else "language_model"
+
+
+def with_image_tokens(vlm: Any, ids: jax.Array, mask: jax.Array, rgb: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, int]:
+    """(ids with the VLM's image tokens first, their mask, SigLIP-normalised pixels, position offset).
+
+    SigLIP's preprocessing: pixels / 255, then (x - 0.5) / 0.5; SmolVLM takes [B, 1, H, W, C] (one
+    image per row), PaliGemma [B, H, W, C] and counts positions from 1.
+    """
+    from jaxrl_vla.models.vla.smolvlm import SmolVLMConfig
+
+    batch = ids.shape[0]
+    pixels = (jnp.asarray(rgb, jnp.float32) / 255.0 - 0.5) / 0.5
+    if isinstance(vlm, SmolVLMConfig):
+        token, count, pixels, offset = vlm.image_token_id, vlm.image_seq_len, pixels[:, None], 0
+    else:
+        token, count, offset = vlm.image_token_index, vlm.num_image_tokens, 1
+    image_ids = jnp.full((batch, count), token, jnp.int32)
+    return (jnp.concatenate([image_ids, ids], axis=1), jnp.concatenate([jnp.ones((batch, count), bool), mask], axis=1),
+            pixels, offset)
