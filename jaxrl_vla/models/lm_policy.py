@@ -6,7 +6,9 @@ action bins at the end of the vocabulary); `{"type": "flow", "steps": 10, "metho
 LM's keys and values, pi0-style). The LM comes from `policy.vla_config.model_path`, a
 Hugging Face model directory (`bridge.hf_dir`; a `*ForCausalLM` or a bare `*Model`), or,
 without one, from random weights of `policy.vla_config.model_config`, a config.json-style
-dict with its `model_type`. The prompt is the env's token observation: `input_ids` /
+dict with its `model_type`. A vision-language model (SmolVLM / Idefics3 / PaliGemma, as
+`*ForConditionalGeneration`) takes the token head with the env's `rgb` image as its image
+tokens. The prompt is the env's token observation: `input_ids` /
 `attention_mask`, or VLReach-style `language` / `language_mask`. The action chunk is
 `policy.action_chunk` steps of the env's action dimension, the bins or flow output span
 the env's action bounds.
@@ -41,14 +43,31 @@ def prompt_keys(env: Any) -> tuple[str, str]:
                       f"the env offers {offered}")
 
 
-def _decoder_from(vla_cfg: dict, master: Any) -> tuple[Any, dict | None, dict | None]:
-    """(DecoderConfig, causal-LM params {"model", ["lm_head"]} or None, trunk params or None)."""
+VLM_TYPES = ("smolvlm", "idefics3", "paligemma")
+
+
+def _vlm_config(config: dict) -> Any:
+    from jaxrl_vla.models.vla.paligemma import PaliGemmaConfig
+    from jaxrl_vla.models.vla.smolvlm import SmolVLMConfig
+
+    return (PaliGemmaConfig if config.get("model_type") == "paligemma" else SmolVLMConfig).from_hf_dict(config)
+
+
+def _lm_from(vla_cfg: dict, master: Any) -> tuple[Any, Any, dict | None, dict | None]:
+    """(DecoderConfig, VLM config or None, causal-LM / VLM params {"model", ["lm_head"]} or None, trunk or None).
+
+    A vision-language model (model_type smolvlm / idefics3 / paligemma) gives its text config as the
+    decoder and its *ForConditionalGeneration parameters."""
     from jaxrl_vla.models.vla.llama import DecoderConfig
 
     path = vla_cfg.get("model_path")
     if not path:
+        config = dict(vla_cfg.get("model_config") or {})
         try:
-            return DecoderConfig.from_hf_dict(dict(vla_cfg.get("model_config") or {})), None, None
+            if config.get("model_type") in VLM_TYPES:
+                vlm = _vlm_config(config)
+                return vlm.text, vlm, None, None
+            return DecoderConfig.from_hf_dict(config), None, None, None
         except (ConfigError, TypeError, ValueError) as err:
             raise ConfigError(f"policy.vla_config.model_config: {err}") from None
     if not Path(path).is_dir():
@@ -58,15 +77,37 @@ def _decoder_from(vla_cfg: dict, master: Any) -> tuple[Any, dict | None, dict | 
 
     try:
         _, variables, config = hf_dir.load_hf_dir(path, param_dtype=master)
-        decoder = DecoderConfig.from_hf_dict(config)
+        vlm = _vlm_config(config) if config.get("model_type") in VLM_TYPES else None
+        decoder = vlm.text if vlm is not None else DecoderConfig.from_hf_dict(config)
     except (ConfigError, ValueError) as err:
         raise ConfigError(f"policy.vla_config.model_path: {err}") from None
     params = variables["params"]
+    if vlm is not None:
+        if not any(k in params.get("model", {}) for k in ("text_model", "language_model")):
+            raise ConfigError(f"policy.vla_config.model_path: {path} holds a bare {config.get('architectures')}; "
+                              "the action tokens need the *ForConditionalGeneration directory (its LM head)")
+        return decoder, vlm, params, None
     if "model" in params and "embed_tokens" in params["model"]:
-        return decoder, params, params["model"]
+        return decoder, None, params, params["model"]
     if "embed_tokens" in params:
-        return decoder, None, params
+        return decoder, None, None, params
     raise ConfigError(f"policy.vla_config.model_path: {path} holds a {config.get('architectures')}, not a decoder LM")
+
+
+def _check_vlm_fits(vlm: Any, env: Any, top: int) -> None:
+    """The env's image fits the VLM's tower and its token ids leave the image token alone."""
+    image = env.observation_space.get("rgb") if isinstance(env.observation_space, dict) else None
+    if image is None:
+        raise ConfigError("policy.action_head: a vision-language model reads the env's 'rgb' image, which it lacks")
+    size, want = tuple(image.shape[:2]), (vlm.vision.image_size, vlm.vision.image_size)
+    if size != want:
+        raise ConfigError(f"policy.vla_config.model_config.vision_config.image_size: the VLM's tower takes "
+                          f"{want[0]}x{want[1]} images, the env's rgb is {size[0]}x{size[1]} (env.image_size)")
+    token = getattr(vlm, "image_token_id", None)
+    token = getattr(vlm, "image_token_index", None) if token is None else token
+    if token is not None and token <= top:
+        raise ConfigError(f"policy.vla_config.model_config: the image token id {token} lies among the env's token "
+                          f"ids (0..{top})")
 
 
 def _bounds(env: Any) -> tuple[int, Any, Any]:
@@ -87,10 +128,15 @@ def build_lm_model(policy_cfg: dict, env: Any, master: Any) -> tuple[nn.Module, 
     kind = head.pop("type", None)
     if kind not in HEAD_TYPES:
         raise ConfigError(f"policy.action_head.type must be one of {list(HEAD_TYPES)}, got {kind!r}")
-    decoder, causal, trunk = _decoder_from(policy_cfg["vla_config"], master)
+    decoder, vlm, causal, trunk = _lm_from(policy_cfg["vla_config"], master)
     ids_key, mask_key = prompt_keys(env)
     space = env.observation_space[ids_key]
     top = int(np.max(np.asarray(getattr(space, "high", 0))))
+    if vlm is not None:
+        if kind != "tokens":
+            raise ConfigError("policy.action_head.type: a vision-language prefix takes the 'tokens' head so far "
+                              "(the flow expert reads a text-only decoder's prefix)")
+        _check_vlm_fits(vlm, env, top)
     action_dim, low, high = _bounds(env)
     chunk = int(policy_cfg.get("action_chunk", 1))
     if kind == "tokens":
@@ -105,9 +151,9 @@ def build_lm_model(policy_cfg: dict, env: Any, master: Any) -> tuple[nn.Module, 
             raise ConfigError(f"policy.action_head.n_bins ({n_bins}): the env's token ids reach {top}, which would "
                               f"collide with the action bins (the last {n_bins} of the LM's {decoder.vocab_size} ids)")
         model = TokenVLA(decoder, TokenHeadConfig(vocab_size=decoder.vocab_size, n_bins=n_bins), (chunk, action_dim),
-                         low, high, input_key=ids_key, mask_key=mask_key)
-        pretrained = None if trunk is None else ({"model": trunk} if causal is None else causal)
-        if pretrained is not None and causal is None and not decoder.tie_word_embeddings:
+                         low, high, input_key=ids_key, mask_key=mask_key, vlm=vlm)
+        pretrained = causal if vlm is not None else None if trunk is None else ({"model": trunk} if causal is None else causal)
+        if pretrained is not None and vlm is None and causal is None and not decoder.tie_word_embeddings:
             raise ConfigError("policy.vla_config.model_path: a bare decoder without lm_head and with untied "
                               "embeddings: the action tokens need the LM head; give the *ForCausalLM directory")
     else:
@@ -135,6 +181,8 @@ def build_lm_model(policy_cfg: dict, env: Any, master: Any) -> tuple[nn.Module, 
         pretrained = trunk
     example = {ids_key: jnp.zeros((1,) + tuple(space.shape), jnp.int32),
                mask_key: jnp.ones((1,) + tuple(env.observation_space[mask_key].shape), jnp.int32)}
+    if vlm is not None:
+        example["rgb"] = jnp.zeros((1,) + tuple(env.observation_space["rgb"].shape), jnp.uint8)
     variables = model.init(jax.random.PRNGKey(0), example)
     variables = jax.tree_util.tree_map(lambda x: x.astype(master) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                                        variables)
