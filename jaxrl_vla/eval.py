@@ -536,6 +536,21 @@ def expert_env(args: argparse.Namespace) -> Any:
         raise EvalError(str(err)) from None
 
 
+def success_by_instruction(episodes: list[Episode]) -> dict[str, tuple[int, int]]:
+    """{instruction: (successes, episodes)}, sorted by instruction; empty where the env reports no success.
+
+    Multi-task envs (Meta-World MT10 / MT50) say the task in the instruction, so this is the
+    per-task success that a single mean hides."""
+    tally: dict[str, list[int]] = {}
+    for ep in episodes:
+        if ep.success is None or not ep.instruction:
+            continue
+        wins_count = tally.setdefault(ep.instruction, [0, 0])
+        wins_count[0] += int(ep.success)
+        wins_count[1] += 1
+    return {k: (v[0], v[1]) for k, v in sorted(tally.items())}
+
+
 def run(args: argparse.Namespace) -> list[Episode]:
     """Record the episodes that the arguments ask for and write the video if requested."""
     if args.episodes < 1 or args.fps < 0 or args.scale < 0:
@@ -577,6 +592,11 @@ def run(args: argparse.Namespace) -> list[Episode]:
     if episodes[0].success is not None:
         summary += f", success rate {np.mean([ep.success for ep in episodes]):.0%}"
     print(summary)
+    by_instruction = success_by_instruction(episodes)
+    if len(by_instruction) > 1:
+        print("success per instruction (a task each on Meta-World):")
+        for instruction, (wins, count) in by_instruction.items():
+            print(f"  {wins / count:4.0%}  ({wins}/{count})  {instruction}")
     if args.video:
         size = max(episodes[0].frames.shape[1:3])
         scale = args.scale or max(1, 256 // size)

@@ -284,3 +284,24 @@ def test_tensordict_env_with_pixels_returns_success_and_video(runs_dir, tmp_path
     frames = gif_frames(video)
     assert frames[0].shape == (8 * 32 + evaluate.CAPTION_HEIGHT, 8 * 32, 3)
     assert len(frames) >= 2
+
+
+def test_success_per_instruction_matches_the_episode_lines(capsys):
+    """The per-instruction table (a task each on Meta-World) tallies the printed episodes, none lost."""
+    kwargs = json.dumps({"image_size": 16, "max_episode_steps": 25})
+    assert evaluate.main(["--expert", "--episodes", "8", "--env-kwargs", kwargs]) == 0
+    out = capsys.readouterr().out
+    episodes = re.findall(r"episode \d+: .*  (success|failure)  (.+)", out)
+    assert len(episodes) == 8
+    expected: dict[str, list[int]] = {}
+    for result, instruction in episodes:
+        expected.setdefault(instruction, []).append(result == "success")
+    table = dict((instr, (int(w), int(n))) for w, n, instr in re.findall(r"\((\d+)/(\d+)\)  (.+)", out))
+    assert table == {k: (sum(v), len(v)) for k, v in expected.items()}
+    assert len(table) > 1 and sum(n for _, n in table.values()) == 8
+
+
+def test_success_by_instruction_skips_episodes_without_success_or_instruction():
+    ep = lambda success, instruction: evaluate.Episode(None, np.zeros(3), success, instruction)  # noqa: E731
+    tally = evaluate.success_by_instruction([ep(True, "b"), ep(False, "a"), ep(True, "a"), ep(None, "a"), ep(True, "")])
+    assert tally == {"a": (1, 2), "b": (1, 1)} and list(tally) == ["a", "b"]
