@@ -44,6 +44,93 @@ def make(out: Path, seed: int = 0) -> Path:
     return out
 
 
+def bc(out: Path, demos: Path, steps: int = 600, batch_size: int = 64, lr: float = 1e-3, log_std: float = -1.0,
+       value_coef: float = 0.5, aux_coef: float = 1.0, seed: int = 0, threads: int = 2,
+       eval_episodes: int = 256) -> dict:
+    """Behaviour-clone the random-init SmolVLM with the Gaussian head on the VLReach demos; save it at `out`.
+
+    As `bridge.pretrain_bc` makes the GPTVLAModel checkpoint, in torch on transformers' own model
+    (`bridge.smolvlm_gaussian`, the twin of GaussianVLA): Adam on the action means' MSE against the
+    expert's actions, `value_coef` x the value head's MSE against the demos' discounted returns (GAMMA)
+    and `aux_coef` x a training-only probe's MSE from the readout to the instructed object's position
+    (pretrain_bc's target label: a direct signal for grounding), `steps` minibatches, the rate decayed
+    linearly to 10%. Then log_std is set to `log_std`. Written: the VLM with `save_pretrained`, the head
+    as `action_head.safetensors` (which `policy.action_head` type 'gaussian' loads from the directory),
+    and `bc.json` with the settings, the losses and the JAX evaluation of the saved directory as
+    fine-tuning loads it (deterministic, `eval_episodes` episodes, the Trainer's evaluation).
+    """
+    import time
+
+    import numpy as np
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    from bridge import pretrain_bc as pbc
+    from bridge.smolvlm_gaussian import SmolVLMGaussianVLA
+    from jaxrl_vla.models.vla.gaussian_vla import HEAD_FILE
+
+    env = pbc.make_env()
+    data = pbc.ensure_demos(Path(demos), 10000, 0, 0.1, env, pbc.ENV_KWARGS)
+    _, target_xy = pbc.scene_labels(data, pbc.episode_scenes(data, env))
+    returns = pbc.discounted_returns(data["reward"], data["episode_id"], pbc.GAMMA)
+    train_rows, val_rows = pbc.split_episodes(data["episode_id"], 0.05)
+    pbc.set_determinism(seed, threads)
+    cfg = transformers.SmolVLMConfig(vision_config=CONFIG["vision_config"], text_config=CONFIG["text_config"],
+                                     scale_factor=CONFIG["scale_factor"], image_token_id=IMAGE_TOKEN_ID,
+                                     tie_word_embeddings=CONFIG["tie_word_embeddings"])
+    cfg._attn_implementation = "sdpa"
+    model = SmolVLMGaussianVLA(transformers.SmolVLMForConditionalGeneration(cfg), data["proprio"].shape[1],
+                               data["action"].shape[1])
+    probe = torch.nn.Linear(cfg.text_config.hidden_size, 2)
+    params = list(model.parameters()) + list(probe.parameters())
+    optimizer = torch.optim.Adam(params, lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0 - 0.9 * min(i / max(steps, 1), 1.0))
+    order = np.random.default_rng(seed).permutation(np.resize(train_rows, steps * batch_size))
+    t0, history = time.perf_counter(), []
+
+    def losses(index: np.ndarray) -> dict:
+        h = model.features(pbc.to_torch(pbc.numpy_batch(data, index)))
+        mean, value = model.heads(h)
+        return {"action": torch.mean((mean - torch.from_numpy(data["action"][index])) ** 2),
+                "value": torch.mean((value - torch.from_numpy(returns[index])) ** 2),
+                "aux": torch.mean((probe(h) - torch.from_numpy(target_xy[index])) ** 2)}
+
+    model.train()
+    for step in range(steps):
+        parts = losses(order[step * batch_size:(step + 1) * batch_size])
+        loss = parts["action"] + value_coef * parts["value"] + aux_coef * parts["aux"]
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            history.append({"step": step + 1, **{k: round(v.item(), 4) for k, v in parts.items()},
+                            "seconds": round(time.perf_counter() - t0, 1)})
+            print(json.dumps(history[-1]), flush=True)
+    model.eval()
+    with torch.no_grad():
+        model.log_std.fill_(log_std)
+        val = [losses(val_rows[i:i + 256])["action"].item() * len(val_rows[i:i + 256]) for i in range(0, len(val_rows), 256)]
+    out = Path(out)
+    model.vlm.save_pretrained(out)
+    save_file(model.head_state_dict(), str(out / HEAD_FILE))
+    info = {"demos": str(demos), "steps": steps, "batch_size": batch_size, "lr": lr, "log_std": log_std,
+            "value_coef": value_coef, "aux_coef": aux_coef, "seed": seed, "threads": threads,
+            "train_seconds": round(time.perf_counter() - t0, 1), "history": history,
+            "val_action_mse": round(sum(val) / max(len(val_rows), 1), 4),
+            "make": f"python -m bridge.tiny_smolvlm bc --out {out} --steps {steps}"}
+    if eval_episodes:
+        from jaxrl_vla.models.lm_policy import build_lm_model
+
+        module, variables = build_lm_model({"action_chunk": 1, "action_head": {"type": "gaussian"},
+                                            "vla_config": {"model_path": str(out)}}, env, np.float32)
+        info["eval"] = {**pbc.evaluate_policy(module, variables, env, eval_episodes), "seed": 1, "deterministic": True}
+    pbc.write_json_atomic(out / "bc.json", info)
+    return info
+
+
 def export(run_dir: Path, out: Path) -> Path:
     """The run's trained VLM as a Hugging Face directory with the source directory's config.json."""
     from bridge import hf_dir
@@ -55,8 +142,15 @@ def export(run_dir: Path, out: Path) -> Path:
         raise ValueError(f"--run {run_dir}: its policy was not loaded from a Hugging Face directory "
                          "(policy.vla_config.model_path)")
     config = hf_dir.read_config(source)
-    lm = run.params["params"]["model"]["lm"]
-    return hf_dir.save_hf_dir(out, config, {"params": lm})
+    model = run.params["params"]["model"]
+    path = hf_dir.save_hf_dir(out, config, {"params": model["lm"]})
+    if "action_mean" in model:  # the Gaussian head (policy.action_head type 'gaussian') beside it, as bc writes it
+        from safetensors.numpy import save_file
+
+        from jaxrl_vla.models.vla.gaussian_vla import HEAD_FILE, head_state_dict
+
+        save_file(head_state_dict({k: v for k, v in model.items() if k != "lm"}), str(Path(path) / HEAD_FILE))
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,8 +162,26 @@ def main(argv: list[str] | None = None) -> int:
     p_export = sub.add_parser("export", help="write a trained run's VLM as a Hugging Face directory")
     p_export.add_argument("--run", type=Path, required=True)
     p_export.add_argument("--out", type=Path, required=True)
+    p_bc = sub.add_parser("bc", help="behaviour-clone it with the Gaussian head on the VLReach demos")
+    p_bc.add_argument("--out", type=Path, default=Path("checkpoints/tiny_smolvlm_bc"))
+    p_bc.add_argument("--demos", type=Path, default=Path("checkpoints/vl_reach_demos.npz"),
+                      help="the demos bridge.pretrain_bc uses (made there when missing)")
+    p_bc.add_argument("--steps", type=int, default=600, help="Adam steps (default 600)")
+    p_bc.add_argument("--batch-size", type=int, default=64)
+    p_bc.add_argument("--lr", type=float, default=1e-3)
+    p_bc.add_argument("--log-std", type=float, default=-1.0, help="the head's log-std after BC (default -1.0)")
+    p_bc.add_argument("--eval-episodes", type=int, default=256)
+    p_bc.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.command == "bc" and (args.steps < 1 or args.batch_size < 1):
+        print("error: --steps and --batch-size must be >= 1", file=sys.stderr)
+        return 2
     try:
+        if args.command == "bc":
+            info = bc(args.out, args.demos, args.steps, args.batch_size, args.lr, args.log_std, seed=args.seed,
+                      eval_episodes=args.eval_episodes)
+            print(json.dumps({"command": "bc", "out": str(args.out), "eval": info.get("eval")}))
+            return 0
         path = make(args.out, args.seed) if args.command == "make" else export(args.run, args.out)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -3,12 +3,14 @@
 `policy.action_head: {"type": "tokens", "n_bins": 256}` builds a `TokenVLA` (OpenVLA-style
 action bins at the end of the vocabulary); `{"type": "flow", "steps": 10, "method":
 "flow_noise", ..., "expert": {...}}` a `FlowVLA` (a flow-matching action expert reading the
-LM's keys and values, pi0-style). The LM comes from `policy.vla_config.model_path`, a
+LM's keys and values, pi0-style); `{"type": "gaussian", "init_log_std": 0.0, "proprio": true}` a
+`GaussianVLA` (GPTVLAModel's Gaussian action-chunk head on the prefix's last position, the env's
+proprio as one more token). The LM comes from `policy.vla_config.model_path`, a
 Hugging Face model directory (`bridge.hf_dir`; a `*ForCausalLM` or a bare `*Model`), or,
 without one, from random weights of `policy.vla_config.model_config`, a config.json-style
 dict with its `model_type`. A vision-language model (SmolVLM / Idefics3 / PaliGemma, as
-`*ForConditionalGeneration`) takes the token head with the env's `rgb` image as its image
-tokens. The prompt is the env's token observation: `input_ids` /
+`*ForConditionalGeneration`) takes the token or Gaussian head with the env's `rgb` image as its
+image tokens. The prompt is the env's token observation: `input_ids` /
 `attention_mask`, or VLReach-style `language` / `language_mask`. The action chunk is
 `policy.action_chunk` steps of the env's action dimension, the bins or flow output span
 the env's action bounds.
@@ -26,7 +28,7 @@ import flax.linen as nn
 
 from jaxrl_vla.config import ConfigError
 
-HEAD_TYPES = ("tokens", "flow")
+HEAD_TYPES = ("tokens", "flow", "gaussian")
 PROMPT_KEYS = (("input_ids", "attention_mask"), ("language", "language_mask"))
 _FLOW_KEYS = {"steps", "method", "noise_level", "noise_min", "noise_max"}
 
@@ -133,9 +135,9 @@ def build_lm_model(policy_cfg: dict, env: Any, master: Any) -> tuple[nn.Module, 
     space = env.observation_space[ids_key]
     top = int(np.max(np.asarray(getattr(space, "high", 0))))
     if vlm is not None:
-        if kind != "tokens":
-            raise ConfigError("policy.action_head.type: a vision-language prefix takes the 'tokens' head so far "
-                              "(the flow expert reads a text-only decoder's prefix)")
+        if kind == "flow":
+            raise ConfigError("policy.action_head.type: a vision-language prefix takes the 'tokens' head or the "
+                              "'gaussian' one (the flow expert reads a text-only decoder's prefix)")
         _check_vlm_fits(vlm, env, top)
     action_dim, low, high = _bounds(env)
     chunk = int(policy_cfg.get("action_chunk", 1))
@@ -156,6 +158,9 @@ def build_lm_model(policy_cfg: dict, env: Any, master: Any) -> tuple[nn.Module, 
         if pretrained is not None and vlm is None and causal is None and not decoder.tie_word_embeddings:
             raise ConfigError("policy.vla_config.model_path: a bare decoder without lm_head and with untied "
                               "embeddings: the action tokens need the LM head; give the *ForCausalLM directory")
+    elif kind == "gaussian":
+        model, pretrained = _gaussian_model(head, decoder, vlm, causal, trunk, env, top, (chunk, action_dim),
+                                            ids_key, mask_key)
     else:
         from jaxrl_vla.models.vla.flow_expert import FlowExpertConfig
         from jaxrl_vla.models.vla.flow_vla import FlowVLA
@@ -183,13 +188,67 @@ def build_lm_model(policy_cfg: dict, env: Any, master: Any) -> tuple[nn.Module, 
                mask_key: jnp.ones((1,) + tuple(env.observation_space[mask_key].shape), jnp.int32)}
     if vlm is not None:
         example["rgb"] = jnp.zeros((1,) + tuple(env.observation_space["rgb"].shape), jnp.uint8)
+    if getattr(model, "proprio_dim", 0):
+        example["proprio"] = jnp.zeros((1,) + tuple(env.observation_space["proprio"].shape), jnp.float32)
     variables = model.init(jax.random.PRNGKey(0), example)
     variables = jax.tree_util.tree_map(lambda x: x.astype(master) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                                        variables)
     if pretrained is not None:
         _check_same_shapes(variables["params"]["lm"], pretrained)
         variables = {**variables, "params": {**variables["params"], "lm": pretrained}}
+    if kind == "gaussian":
+        variables = _with_head_file(variables, policy_cfg["vla_config"].get("model_path"))
     return model, variables
+
+
+_GAUSSIAN_KEYS = {"init_log_std", "proprio"}
+
+
+def _gaussian_model(head: dict, decoder: Any, vlm: Any, causal: dict | None, trunk: dict | None, env: Any, top: int,
+                    action_shape: tuple[int, int], ids_key: str, mask_key: str) -> tuple[nn.Module, dict | None]:
+    """(GaussianVLA, its pretrained LM parameters or None) for `policy.action_head` type 'gaussian'."""
+    from jaxrl_vla.models.vla.gaussian_vla import GaussianVLA
+
+    unknown = sorted(set(head) - _GAUSSIAN_KEYS)
+    if unknown:
+        raise ConfigError(f"policy.action_head.{unknown[0]}: unknown key for type 'gaussian' "
+                          f"({', '.join(sorted(_GAUSSIAN_KEYS))})")
+    if top >= decoder.vocab_size:
+        raise ConfigError(f"policy.vla_config.model_config.vocab_size ({decoder.vocab_size}): the env's token ids "
+                          f"reach {top}")
+    init_log_std = head.get("init_log_std", 0.0)
+    if isinstance(init_log_std, bool) or not isinstance(init_log_std, (int, float)):
+        raise ConfigError(f"policy.action_head.init_log_std must be a number, got {init_log_std!r}")
+    use_proprio = head.get("proprio", True)
+    if not isinstance(use_proprio, bool):
+        raise ConfigError(f"policy.action_head.proprio must be true or false, got {use_proprio!r}")
+    space = env.observation_space
+    proprio = space.get("proprio") if use_proprio and isinstance(space, dict) else None
+    proprio_dim = int(np.prod(proprio.shape)) if proprio is not None else 0
+    if proprio is not None and len(proprio.shape) != 1:
+        raise ConfigError(f"policy.action_head.proprio: the env's proprio must be a vector, it has shape {proprio.shape}")
+    model = GaussianVLA(decoder, action_shape, proprio_dim, float(init_log_std), input_key=ids_key, mask_key=mask_key,
+                        vlm=vlm)
+    return model, (causal if vlm is not None else trunk)
+
+
+def _with_head_file(variables: dict, path: str | None) -> dict:
+    """`variables` with the Gaussian head from `<model_path>/action_head.safetensors` when the directory has one
+    (a behaviour-cloned head, `bridge.tiny_smolvlm bc`); unchanged otherwise."""
+    from jaxrl_vla.models.vla.gaussian_vla import HEAD_FILE, head_params
+
+    file = Path(path) / HEAD_FILE if path else None
+    if file is None or not file.is_file():
+        return variables
+    from safetensors.numpy import load_file
+
+    params = variables["params"]
+    fresh = {k: v for k, v in params.items() if k != "lm"}
+    try:
+        head = head_params(load_file(str(file)), fresh, f"policy.vla_config.model_path: {file}")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return {**variables, "params": {**params, **head}}
 
 
 def _check_same_shapes(fresh: Any, loaded: Any) -> None:

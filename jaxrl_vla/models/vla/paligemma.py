@@ -144,8 +144,11 @@ class PaliGemmaModel(nn.Module):
         position_ids: jax.Array | None = None,
         channels_first: bool = False,
         return_kv: bool = False,
+        extra_embeds: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, tuple]:
-        """`return_kv`: also the language model's per-layer (k, v) of the whole prompt (an action head's prefix)."""
+        """`return_kv`: also the language model's per-layer (k, v) of the whole prompt (an action head's prefix).
+        `extra_embeds` [B, K, H]: embeddings placed after the ids' (a VLA's proprio token; `attention_mask`
+        and `token_type_ids` then cover T + K)."""
         cfg = self.config
         input_ids = jnp.asarray(input_ids).astype(jnp.int32)
         if pixel_values is None and self.is_initializing():  # create the tower's parameters too
@@ -163,6 +166,9 @@ class PaliGemmaModel(nn.Module):
                 check_image_token_count(input_ids, cfg.image_token_index, feats.shape[0] * feats.shape[1],
                                         "PaliGemma")
             embeds = merge_image_features(embeds, is_image, feats.reshape(-1, feats.shape[-1]))
+        if extra_embeds is not None:
+            embeds = jnp.concatenate([embeds, extra_embeds.astype(embeds.dtype)], axis=1)
+            length = embeds.shape[1]
         if position_ids is None:
             position_ids = jnp.arange(length) + 1
         mask = prefix_lm_mask(attention_mask, token_type_ids, batch, length)

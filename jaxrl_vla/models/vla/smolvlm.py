@@ -210,8 +210,11 @@ class SmolVLMModel(nn.Module):
         position_ids: jax.Array | None = None,
         channels_first: bool = False,
         return_kv: bool = False,
+        extra_embeds: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, tuple]:
-        """`return_kv`: also the text model's per-layer (k, v) of the whole prompt (an action head's prefix)."""
+        """`return_kv`: also the text model's per-layer (k, v) of the whole prompt (an action head's prefix).
+        `extra_embeds` [B, K, H]: embeddings placed after the ids' (a VLA's proprio token; `attention_mask`
+        then covers T + K)."""
         cfg = self.config
         input_ids = jnp.asarray(input_ids).astype(jnp.int32)
         if pixel_values is None and self.is_initializing():  # create the tower's parameters too
@@ -228,6 +231,8 @@ class SmolVLMModel(nn.Module):
                 rows = None if n_real is None else int(n_real.sum()) * (feats.shape[0] // real.shape[0])
                 check_image_token_count(input_ids, cfg.image_token_id, rows, "SmolVLM")
             embeds = merge_image_features(embeds, is_image, feats)
+        if extra_embeds is not None:
+            embeds = jnp.concatenate([embeds, extra_embeds.astype(embeds.dtype)], axis=1)
         return self.text_model(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, return_kv=return_kv
         )

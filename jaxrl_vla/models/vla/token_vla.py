@@ -138,14 +138,8 @@ class TokenVLA(nn.Module):
 
     def _prompt(self, obs: Mapping[str, jax.Array]) -> tuple[jax.Array, Any, jax.Array, int]:
         """(hidden [B, T, H], per-layer kv, mask [B, T], position offset) of the whole prompt."""
-        ids = jnp.asarray(obs[self.input_key]).astype(jnp.int32)
-        mask = jnp.asarray(obs[self.mask_key]).astype(bool)
-        if self.vlm is None:
-            hidden, kv = self.lm.hidden(ids, mask, return_kv=True)
-            return hidden, kv, mask, 0
-        ids, mask, pixels, offset = with_image_tokens(self.vlm, ids, mask, obs[self.image_key])
-        hidden, kv = self.lm.hidden(ids, mask, pixels, return_kv=True)
-        return hidden, kv, mask, offset
+        return prompt_hidden(self.lm, self.vlm, obs[self.input_key], obs[self.mask_key],
+                             None if self.vlm is None else obs[self.image_key])
 
     def _continuation(self) -> tuple[DecoderForCausalLM, dict]:
         """The unbound causal LM that scores action tokens after the prompt, and its parameters."""
@@ -171,6 +165,36 @@ class TokenVLA(nn.Module):
         dist = TokenChainDist(params, kv, mask, first_logits, last + offset, low, high, lm, self.head,
                               tuple(self.action_shape))
         return dist, value
+
+
+def prompt_hidden(lm: nn.Module, vlm: Any, ids: jax.Array, mask: jax.Array, rgb: jax.Array | None = None,
+                  extra_embeds: jax.Array | None = None, return_kv: bool = True) -> tuple[jax.Array, Any, jax.Array, int]:
+    """(hidden [B, T', H], per-layer kv or None, mask [B, T'], position offset) of a VLA's prefix.
+
+    The one place a prefix-LM VLA builds its sequence (TokenVLA, GaussianVLA): with `vlm` the VLM's image
+    tokens (`with_image_tokens`) come first, then the prompt `ids` [B, T] (right-padded, `mask`), then
+    `extra_embeds` [B, K, H] if given (GaussianVLA's proprio token), always visible. `lm` is the bound
+    VLM twin, or a `DecoderForCausalLM` / `DecoderLM` for a text decoder.
+    """
+    ids = jnp.asarray(ids).astype(jnp.int32)
+    mask = jnp.asarray(mask).astype(bool)
+    extra = {} if extra_embeds is None else {"extra_embeds": extra_embeds}
+    offset = 0
+    if vlm is None:
+        trunk = lm.model if isinstance(lm, DecoderForCausalLM) else lm
+        if extra_embeds is None:
+            out = trunk(ids, mask, return_kv=return_kv)
+        else:
+            embeds = jnp.concatenate([trunk.embed(ids), extra_embeds.astype(trunk.dtype)], axis=1)
+            mask = jnp.concatenate([mask, jnp.ones(extra_embeds.shape[:2], bool)], axis=1)
+            out = trunk(inputs_embeds=embeds, attention_mask=mask, return_kv=return_kv)
+    else:
+        ids, mask, pixels, offset = with_image_tokens(vlm, ids, mask, rgb)
+        if extra_embeds is not None:
+            mask = jnp.concatenate([mask, jnp.ones(extra_embeds.shape[:2], bool)], axis=1)
+        out = lm.hidden(ids, mask, pixels, return_kv=return_kv, **extra)
+    hidden, kv = out if return_kv else (out, None)
+    return hidden, kv, mask, offset
 
 
 def vlm_class(vlm: Any) -> type:
