@@ -108,7 +108,7 @@ SCHEMA: dict[str, Any] = {
         },
     },
     "algorithm": {
-        "name": Field(str, "ppo", "algorithm: 'ppo' (clipped PPO with a critic and GAE) or 'grpo' (critic-free: groups of algorithm.cfg.group_size rollouts from one initial state, each step's advantage its episode's outcome normalised within the group; standard mode with a JAX-native env; trainer.buffer_size is the episode step limit, one episode per env per iteration)", *_one_of("ppo", "grpo")),
+        "name": Field(str, "ppo", "algorithm: 'ppo' (clipped PPO with a critic and GAE) or 'grpo' (critic-free: groups of algorithm.cfg.group_size rollouts from one initial state, each step's advantage its episode's outcome normalised within the group; both modes; an env that resets to a given state; the steps per env per iteration are the episode step limit, one episode per env per iteration; vla mode and host envs: each collector's rounds of whole groups, one seeded reset per round)", *_one_of("ppo", "grpo")),
         "demo_path": Field(str, None, "expert demonstrations (.npz of `python -m jaxrl_vla.tasks.demos`, or the one `python -m bridge.pretrain_bc` makes beside its checkpoint) for the demonstration loss weighted by algorithm.cfg.demo_coef; their observations must match the env's", nullable=True),
         "demo_augment": Field(bool, False, "augment every demonstration drawn for the demonstration loss afresh with the env's label-preserving augmentation (its `augment_demonstration`; VLReach: the colours permuted in the image and the instruction together, and the scene mirrored left-right half the time with the expert's action there, the demo file's mirror_action column), as `bridge.pretrain_bc` trains its clone; needs demo_path, raw pixels (not a frozen vision encoder) and an env that has one"),
         "cfg": {
@@ -128,7 +128,7 @@ SCHEMA: dict[str, Any] = {
             "max_grad_norm": Field((int, float), 0.5, "global gradient-norm clip", _pos, "> 0"),
             "target_kl": Field((int, float), None, "stop the iteration's remaining minibatch updates once approx_kl > 1.5 x target_kl (null: never)", _pos, "> 0", nullable=True),
             "normalize_advantage": Field(bool, True, "normalise advantages per minibatch"),
-            "group_size": Field(int, 8, "grpo: rollouts per group, all from one initial state (trainer.num_envs must be a multiple)", lambda v: v >= 2, ">= 2"),
+            "group_size": Field(int, 8, "grpo: rollouts per group, all from one initial state (trainer.num_envs must be a multiple; vla mode: num_envs / num_collectors, each collector owning whole groups)", lambda v: v >= 2, ">= 2"),
             "clip_low": Field((int, float), 0.2, "grpo: the ratio's lower clip, 1 - clip_low (SimpleVLA-RL: 0.2)", _pos, "> 0"),
             "clip_high": Field((int, float), 0.28, "grpo: the ratio's upper clip, 1 + clip_high (SimpleVLA-RL: 0.28, DAPO's clip-higher)", _pos, "> 0"),
             "kl_coef": Field((int, float), 0.0, "grpo: weight of the k3 KL penalty to the reference (starting) policy, exp(ref - logp) - (ref - logp) - 1 per token (0: none, and no reference pass)", _nonneg, ">= 0"),
@@ -403,9 +403,15 @@ def _check_cross_fields(cfg: dict) -> None:
 def _check_grpo(cfg: dict) -> None:
     """GRPO's cross-field rules (the env's ability to reset to a given state is checked where it is built)."""
     trainer, algo = cfg["trainer"], cfg["algorithm"]["cfg"]
-    if trainer["buffer_type"] != "standard" or env_kind(cfg["env"]) != "jax":
-        raise ConfigError("algorithm.name 'grpo' runs in standard mode with a JAX-native env (trainer.buffer_type "
-                          "'standard', env.type 'jax'); vla mode and host envs are not supported yet")
+    if trainer["buffer_type"] == "vla":  # each collector owns whole groups (grpo_trainer.AsyncGRPOTrainer)
+        if trainer["collectors"]["backend"] != "threads":
+            raise ConfigError(f"trainer.collectors.backend {trainer['collectors']['backend']!r}: GRPO's round "
+                              "collectors run as threads (backend 'threads')")
+        collectors = trainer["num_collectors"]
+        if trainer["num_envs"] % (collectors * algo["group_size"]):
+            raise ConfigError(f"trainer.num_envs ({trainer['num_envs']}) must be a multiple of trainer.num_collectors "
+                              f"({collectors}) x algorithm.cfg.group_size ({algo['group_size']}): each collector "
+                              "owns whole groups")
     if trainer["num_envs"] % algo["group_size"]:
         raise ConfigError(f"trainer.num_envs ({trainer['num_envs']}) must be a multiple of algorithm.cfg.group_size "
                           f"({algo['group_size']})")

@@ -258,7 +258,7 @@ def test_the_value_head_gets_no_gradient():
     ("algorithm.cfg.filter_low=-0.1", "algorithm.cfg.filter_low"),
     ("algorithm.cfg.filter_high=1.5", "algorithm.cfg.filter_high"),
     ("algorithm.cfg.group_size=5", "algorithm.cfg.group_size"),  # 32 envs are no multiple of 5
-    ("trainer.buffer_type=vla;trainer.buffer_size=32000", "trainer.buffer_type"),
+    ("trainer.buffer_type=vla;trainer.buffer_size=32000;trainer.num_collectors=8", "trainer.num_collectors"),
 ])
 def test_bad_grpo_input_is_a_config_error_naming_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

@@ -12,8 +12,10 @@ trajectory gets the group-normalised advantage (R - mean_group) / (std_group + e
     k3_kl              exp(ref - logp) - (ref - logp) - 1, the KL estimator to the reference
     grpo_loss          clipped ratio with asymmetric bounds (clip_low, clip_high) + KL - entropy
     make_grpo_batch    rollout [T, N] -> GRPOBatch [T*N] with weights, old and reference log-probs
+    outcome_rewards    per-step rewards whose rollout sum is the outcome (JAX and host envs alike)
     GroupVecEnv        a VecEnv whose reset gives every group of G envs one initial state and whose
-                       rewards stop after each env's first episode (one episode per env per rollout)
+                       rewards stop after each env's first episode (one episode per env per rollout);
+                       its host twin, for vla mode and host envs, is `grpo_trainer.GroupHostVecEnv`
 
 Tokens. The ratio, its clip and the KL are per token, as in the LLM/VLA
 recipes: for a Gaussian policy (the MLP's, the VLA's) a token is one action
@@ -136,6 +138,16 @@ def group_filter(success: jax.Array, group_size: int, low: float | jax.Array, hi
     return jnp.repeat(keep, group_size)
 
 
+def outcome_rewards(reward: Any, success: Any, live: Any, first_end: Any, outcome: str) -> Any:
+    """[N] rewards whose sum over a rollout is each env's outcome (what `rollout_outcomes` sums): the
+    env's reward while its first episode runs ("return"), or its success on the step that ends that
+    episode ("success"); 0 after it. Arithmetic only, so the JAX envs (`GroupVecEnv`, jnp arrays) and
+    the host collectors (`grpo_trainer.GroupHostVecEnv`, numpy arrays) score steps the same way."""
+    if outcome == "success":
+        return first_end * success.astype("float32")
+    return live * reward.astype("float32")
+
+
 def group_reset_keys(key: jax.Array, num_envs: int, group_size: int) -> jax.Array:
     """[N] reset keys, env n using its group's (n // G): equal keys give a pure JAX env equal states."""
     return jnp.repeat(jax.random.split(key, num_envs // group_size), group_size, axis=0)
@@ -178,10 +190,7 @@ class GroupVecEnv(VecEnv):
         inner, ts = super().step(state.inner, action)
         live = ~state.finished
         first_end = jnp.logical_and(ts.info["done"], live)
-        if self.outcome == "success":
-            reward = jnp.where(first_end, ts.info["success"].astype(jnp.float32), 0.0)
-        else:
-            reward = jnp.where(live, ts.reward.astype(jnp.float32), 0.0)
+        reward = outcome_rewards(ts.reward, ts.info.get("success"), live, first_end, self.outcome)
         info = dict(ts.info, done=first_end)
         finished = jnp.logical_or(state.finished, ts.info["done"])
         return GroupVecState(inner, finished), TimeStep(ts.obs, reward, ts.terminated, ts.truncated, info)

@@ -14,6 +14,8 @@ A *spec* describes the env and builds vectorised instances:
     spec.action_space         Box or Discrete
     spec.max_episode_steps    int (bounds evaluation episodes)
     spec.reports_success      bool: step infos carry "success" at episode ends
+    spec.seeded_reset         optional bool (default False): reset(seed=s) reproduces the same
+                              initial states for the same s (GRPO's groups; jaxrl_vla.envs.base)
     spec.make(num_envs, seed) -> HostVecEnv
 
 A `HostVecEnv` holds N auto-resetting copies; every array has the leading N axis:
@@ -61,7 +63,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 import jax
 import numpy as np
 
-from jaxrl_vla.envs.base import Box, Discrete, Env
+from jaxrl_vla.envs.base import Box, Discrete, Env, supports_seeded_reset
 from jaxrl_vla.envs.wrappers import VecEnv
 
 PyTree = Any
@@ -233,6 +235,7 @@ class GymnasiumEnv:
         self.nameable = factory is None  # config.json can name it as "gymnasium:<name>" with its kwargs
         self.max_episode_steps = int(steps) if steps else 1000
         self.reports_success = False  # success_rate is logged whenever infos carry it
+        self.seeded_reset = True  # gymnasium's reset(seed=s) contract: copy i starts from seed s + i
 
     def make(self, num_envs: int, seed: int) -> GymnasiumVecEnv:
         return GymnasiumVecEnv(self.name, num_envs, seed, self.observation_space, self.action_space, dict(self.kwargs),
@@ -336,6 +339,7 @@ class JaxHostEnv:
         self.action_space = env.action_space
         self.max_episode_steps = int(getattr(env, "max_episode_steps", 1000))
         self.reports_success = bool(getattr(env, "reports_success", False))
+        self.seeded_reset = supports_seeded_reset(env)  # a pure reset: reset(seed) is PRNGKey(seed)'s
 
     def make(self, num_envs: int, seed: int) -> JaxHostVecEnv:
         return JaxHostVecEnv(self.env, num_envs, seed)

@@ -166,6 +166,7 @@ class Collector:
         self.error: BaseException | None = None
         self.saw_success = False
         self.episodes: collections.deque = collections.deque()  # (return, length, success) per ended episode
+        self.last_transition: Transition | None = None
         self._return = np.zeros(self.num_envs, np.float64)
         self._length = np.zeros(self.num_envs, np.int64)
         self.thread: threading.Thread | None = None
@@ -215,6 +216,7 @@ class Collector:
                 sample_info=sample_info,  # a token / flow head's sample: the same for every step of the chunk
             )
             self.buffer.add(transition, obs)  # waits while the learner has not taken a full buffer
+            self.last_transition = transition  # what a GRPO round pads with (grpo_trainer.RoundCollector)
             self.steps_written += 1
             written += 1
             self._track_episodes(reward, np.logical_or(terminated, truncated), info)
@@ -242,13 +244,17 @@ class Collector:
 
     # ---------------------------------------------------------------- thread
 
+    def collect_unit(self, stop: threading.Event) -> None:
+        """What the thread repeats: one chunk (a GRPO collector: one round of whole episodes)."""
+        self.collect_chunk(stop)
+
     def run(self, stop: threading.Event) -> None:
         """Thread body: collect until `stop`; an exception is kept for the learner."""
         try:
             if self.obs is None:
                 self.reset()
             while not stop.is_set():
-                self.collect_chunk(stop)
+                self.collect_unit(stop)
         except BufferClosed:
             pass  # the trainer is stopping
         except BaseException as err:  # noqa: BLE001 - handed to the learner, which re-raises
@@ -404,15 +410,7 @@ class AsyncTrainer(Trainer):
             return act_chunk_with_info(apply_fn, params, obs_stats, obs, jax.random.fold_in(key, counter),
                                        deterministic)
 
-        learn_fn = make_learn_fn(apply_fn, self.optimizer, self.cfg, self.trainable_mask, self.minibatch_sharding,
-                                 auxiliary_loss(self.policy))
-
-        def learn(state, rollout, next_obs, demos):
-            """Bootstrap V(obs after the newest step) with the learner's params, then PPO."""
-            self.trace_count += 1  # runs only while tracing: counts compilations
-            last_value = state_value(apply_fn, state.params, state.obs_stats, next_obs)
-            return learn_fn(state, rollout, last_value, demos)
-
+        learn = self._make_learn(apply_fn)
         if jax.process_count() > 1:
             raise ValueError("trainer.distributed: several processes train in standard mode with a JAX-native env; "
                              "vla mode's host collectors (and host envs) run in one process for now")
@@ -429,6 +427,20 @@ class AsyncTrainer(Trainer):
             max_steps = self.episode_limit()
             constrain = sharding.env_batch_constraint(self.mesh, self.num_eval_episodes)
             self._evaluate = compiler.jit(make_evaluate_fn(apply_fn, eval_env, max_steps, self.chunk, constrain))
+
+    def _make_learn(self, apply_fn: Callable) -> Callable:
+        """The learner's pure `learn(state, rollout [T, N], next_obs, demos) -> (state, metrics)`:
+        PPO's here; GRPO's trainer (`grpo_trainer.AsyncGRPOTrainer`) overrides it."""
+        learn_fn = make_learn_fn(apply_fn, self.optimizer, self.cfg, self.trainable_mask, self.minibatch_sharding,
+                                 auxiliary_loss(self.policy))
+
+        def learn(state, rollout, next_obs, demos):
+            """Bootstrap V(obs after the newest step) with the learner's params, then PPO."""
+            self.trace_count += 1  # runs only while tracing: counts compilations
+            last_value = state_value(apply_fn, state.params, state.obs_stats, next_obs)
+            return learn_fn(state, rollout, last_value, demos)
+
+        return learn
 
     # ------------------------------------------------------------------ acting (overridable)
 
@@ -505,11 +517,9 @@ class AsyncTrainer(Trainer):
                                                     jax.random.fold_in(base_key, c), example.value.dtype,
                                                     self._remote.max_restarts))
                 continue
-            env = self.host_env.make(per_collector, env_seed)
-            self.collectors.append(
-                Collector(c, env, buffer, self.store, self.infer, self.final_values,
-                          jax.random.fold_in(base_key, c), example.value.dtype)
-            )
+            self.collectors.append(self._new_collector(c, per_collector, env_seed, buffer,
+                                                       jax.random.fold_in(base_key, c), example.value.dtype,
+                                                       start_iteration))
         if is_host_env(self.env) and self.eval_freq > 0:
             self._eval_env = self.host_env.make(self._eval_copies(), self.seed + 1)
         if self.async_mode:
@@ -518,6 +528,12 @@ class AsyncTrainer(Trainer):
         else:
             for collector in self.collectors:
                 collector.reset()
+
+    def _new_collector(self, index: int, num_envs: int, env_seed: int, buffer: VLABuffer, key: jax.Array,
+                       value_dtype: Any, start_iteration: int) -> Collector:
+        """Collector `index` with its own `num_envs` host envs (GRPO's trainer: a round collector of groups)."""
+        env = self.host_env.make(num_envs, env_seed)
+        return Collector(index, env, buffer, self.store, self.infer, self.final_values, key, value_dtype)
 
     def _stop_workers(self) -> None:
         """Stop collecting, wake and join every thread, close the envs they released."""

@@ -7,7 +7,7 @@ One public class for every env and both modes (docs/python_api.md): `Trainer(...
 builds the implementation the inputs need, all of them Trainers: this class for
 standard mode with a JAX-native env, `async_trainer.AsyncTrainer` for
 `buffer_type="vla"` and for host envs (gymnasium, TorchRL, TensorDict, Meta-World),
-`grpo_trainer.GRPOTrainer` for a `GRPOConfig`.
+`grpo_trainer.GRPOTrainer` / `AsyncGRPOTrainer` for a `GRPOConfig` (standard / vla mode or host envs).
 
 Standard mode with a JAX-native env runs each iteration (rollout by scan over
 vmapped envs, GAE, n_epochs x minibatch update) as ONE jitted function whose
@@ -330,9 +330,9 @@ def implementation(env: Any, algorithm: ppo.PPOConfig, buffer_type: str) -> type
     from jaxrl_vla.envs.host import is_host_env
 
     if type(algorithm).__name__ == "GRPOConfig":
-        from jaxrl_vla.training.grpo_trainer import GRPOTrainer
+        from jaxrl_vla.training.grpo_trainer import AsyncGRPOTrainer, GRPOTrainer
 
-        return GRPOTrainer
+        return AsyncGRPOTrainer if buffer_type == "vla" or is_host_env(env) else GRPOTrainer
     if buffer_type == "vla" or is_host_env(env):
         from jaxrl_vla.training.async_trainer import AsyncTrainer
 
@@ -429,7 +429,7 @@ class Trainer:
     ):
         if buffer_type not in BUFFER_TYPES:
             raise ValueError(f"trainer.buffer_type must be one of {BUFFER_TYPES}, got {buffer_type!r}")
-        if buffer_type != "standard":  # Trainer(...) builds AsyncTrainer for 'vla'; GRPO has no vla mode
+        if buffer_type != "standard":  # Trainer(...) builds AsyncTrainer (GRPO: AsyncGRPOTrainer) for 'vla'
             raise ValueError(f"trainer.buffer_type {buffer_type!r}: {type(self).__name__} runs standard mode only")
         check_policy(policy)
         env = self._resolve_env(env, obs_keys)
