@@ -47,6 +47,10 @@ Standard mode with a host env (`buffer_type: "standard"`, e.g.
 `"gymnasium:CartPole-v1"`) uses the same collector synchronously in the main
 thread: collect T = buffer_size steps per env, train, repeat; no thread.
 
+GRPO (`grpo_trainer.AsyncGRPOTrainer`) reuses all of this with two hooks: `_new_collector`
+(a `RoundCollector` of whole groups, whose `collect_unit` is one round of episodes from one
+seeded reset, not one chunk) and `_make_learn` (GRPO's critic-free learner on complete rounds).
+
 Action chunks: one inference yields H actions; the collector executes them in
 order, records `chunk_index`, and stores the chunk's first observation (what
 the PPO loss re-scores, as in the JAX-native rollout).
