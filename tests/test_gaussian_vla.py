@@ -128,6 +128,32 @@ def test_ppo_from_a_config_changes_only_the_trainable_parameters(tmp_path):
     assert any(k.endswith("log_std") for k in changed) and any("proprio_proj" in k for k in changed)
 
 
+def test_grpo_from_a_config_trains_the_head_on_a_vlm_prefix_and_leaves_the_value_head(tmp_path):
+    """GRPO (critic-free) takes the Gaussian head on a SmolVLM prefix like any policy: groups of one scene,
+    finite losses, the action head and LM trained, the value head untouched."""
+    from jaxrl_vla.build import build_trainer
+
+    cfg = resolve({
+        "trainer": {"num_envs": 4, "buffer_size": 8, "iterations": 2, "eval_freq": 0, "progress": False,
+                    "output_dir": str(tmp_path), "exp_name": "gaussian_grpo"},
+        "algorithm": {"name": "grpo", "cfg": {"group_size": 2, "reward": "return", "n_epochs": 1, "batch_size": 8,
+                                              "learning_rate": 1e-3}},
+        "policy": {"name": "vla", "action_chunk": 2, "action_head": {"type": "gaussian", "init_log_std": -0.5},
+                   "vla_config": {"model_config": SMOLVLM}},
+        "env": {"name": "VLReach-v0", "image_size": 16},
+    })
+    trainer = build_trainer(cfg)
+    before = traverse_util.flatten_dict(jax.device_get(trainer.init_params), sep="/")
+    trainer.train()
+    after = traverse_util.flatten_dict(jax.device_get(trainer.state.params), sep="/")
+    records = [json.loads(x) for x in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(np.isfinite(r["loss/total"]) for r in records)
+    changed = {k for k in before if not np.array_equal(before[k], after[k])}
+    assert any("action_mean" in k for k in changed) and any("text_model" in k for k in changed)
+    value_keys = [k for k in before if "/value_head/" in f"/{k}"]
+    assert value_keys and not (changed & set(value_keys)), sorted(changed & set(value_keys))
+
+
 @pytest.mark.parametrize("head,message", [
     ({"type": "gausian"}, "policy.action_head.type must be one of ['tokens', 'flow', 'gaussian'], got 'gausian'"),
     ({"type": "gaussian", "n_bins": 16}, "policy.action_head.n_bins: unknown key for type 'gaussian'"),
