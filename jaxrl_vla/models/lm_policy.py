@@ -9,8 +9,10 @@ proprio as one more token). The LM comes from `policy.vla_config.model_path`, a
 Hugging Face model directory (`bridge.hf_dir`; a `*ForCausalLM` or a bare `*Model`), or,
 without one, from random weights of `policy.vla_config.model_config`, a config.json-style
 dict with its `model_type`. A vision-language model (SmolVLM / Idefics3 / PaliGemma, as
-`*ForConditionalGeneration`) takes the token or Gaussian head with the env's `rgb` image as its
-image tokens. The prompt is the env's token observation: `input_ids` /
+`*ForConditionalGeneration`) takes any of the three heads with the env's `rgb` image as its
+image tokens; the Gaussian and flow heads add the env's proprio as one token after the instruction
+(`"proprio": false` leaves it out) and load their behaviour-cloned parameters from the directory's
+head file when it has one (`action_head.safetensors` / `flow_head.safetensors`). The prompt is the env's token observation: `input_ids` /
 `attention_mask`, or VLReach-style `language` / `language_mask`. The action chunk is
 `policy.action_chunk` steps of the env's action dimension, the bins or flow output span
 the env's action bounds.
@@ -30,7 +32,7 @@ from jaxrl_vla.config import ConfigError
 
 HEAD_TYPES = ("tokens", "flow", "gaussian")
 PROMPT_KEYS = (("input_ids", "attention_mask"), ("language", "language_mask"))
-_FLOW_KEYS = {"steps", "method", "noise_level", "noise_min", "noise_max"}
+_FLOW_KEYS = {"steps", "method", "noise_level", "noise_min", "noise_max", "proprio"}
 
 
 def prompt_keys(env: Any) -> tuple[str, str]:
@@ -135,9 +137,6 @@ def build_lm_model(policy_cfg: dict, env: Any, master: Any) -> tuple[nn.Module, 
     space = env.observation_space[ids_key]
     top = int(np.max(np.asarray(getattr(space, "high", 0))))
     if vlm is not None:
-        if kind == "flow":
-            raise ConfigError("policy.action_head.type: a vision-language prefix takes the 'tokens' head or the "
-                              "'gaussian' one (the flow expert reads a text-only decoder's prefix)")
         _check_vlm_fits(vlm, env, top)
     action_dim, low, high = _bounds(env)
     chunk = int(policy_cfg.get("action_chunk", 1))
@@ -167,6 +166,7 @@ def build_lm_model(policy_cfg: dict, env: Any, master: Any) -> tuple[nn.Module, 
         from jaxrl_vla.models.vla.heads.flow import FlowConfig
 
         expert = dict(head.pop("expert", {}) or {})
+        proprio_dim = _proprio_dim(head.pop("proprio", True), env)
         unknown = sorted(set(head) - _FLOW_KEYS)
         if unknown:
             raise ConfigError(f"policy.action_head.{unknown[0]}: unknown key for type 'flow' "
@@ -182,8 +182,9 @@ def build_lm_model(policy_cfg: dict, env: Any, master: Any) -> tuple[nn.Module, 
                                           prefix_head_dim=decoder.head_dim, **expert)
         except TypeError as err:
             raise ConfigError(f"policy.action_head.expert: {err}") from None
-        model = FlowVLA(decoder, expert_cfg, FlowConfig.from_dict(head), input_key=ids_key, mask_key=mask_key)
-        pretrained = trunk
+        model = FlowVLA(decoder, expert_cfg, FlowConfig.from_dict(head), input_key=ids_key, mask_key=mask_key,
+                        vlm=vlm, proprio_dim=proprio_dim)
+        pretrained = causal if vlm is not None else trunk
     example = {ids_key: jnp.zeros((1,) + tuple(space.shape), jnp.int32),
                mask_key: jnp.ones((1,) + tuple(env.observation_space[mask_key].shape), jnp.int32)}
     if vlm is not None:
@@ -198,6 +199,8 @@ def build_lm_model(policy_cfg: dict, env: Any, master: Any) -> tuple[nn.Module, 
         variables = {**variables, "params": {**variables["params"], "lm": pretrained}}
     if kind == "gaussian":
         variables = _with_head_file(variables, policy_cfg["vla_config"].get("model_path"))
+    elif kind == "flow":
+        variables = _with_head_file(variables, policy_cfg["vla_config"].get("model_path"), flow=True)
     return model, variables
 
 
@@ -219,23 +222,31 @@ def _gaussian_model(head: dict, decoder: Any, vlm: Any, causal: dict | None, tru
     init_log_std = head.get("init_log_std", 0.0)
     if isinstance(init_log_std, bool) or not isinstance(init_log_std, (int, float)):
         raise ConfigError(f"policy.action_head.init_log_std must be a number, got {init_log_std!r}")
-    use_proprio = head.get("proprio", True)
-    if not isinstance(use_proprio, bool):
-        raise ConfigError(f"policy.action_head.proprio must be true or false, got {use_proprio!r}")
-    space = env.observation_space
-    proprio = space.get("proprio") if use_proprio and isinstance(space, dict) else None
-    proprio_dim = int(np.prod(proprio.shape)) if proprio is not None else 0
-    if proprio is not None and len(proprio.shape) != 1:
-        raise ConfigError(f"policy.action_head.proprio: the env's proprio must be a vector, it has shape {proprio.shape}")
+    proprio_dim = _proprio_dim(head.get("proprio", True), env)
     model = GaussianVLA(decoder, action_shape, proprio_dim, float(init_log_std), input_key=ids_key, mask_key=mask_key,
                         vlm=vlm)
     return model, (causal if vlm is not None else trunk)
 
 
-def _with_head_file(variables: dict, path: str | None) -> dict:
-    """`variables` with the Gaussian head from `<model_path>/action_head.safetensors` when the directory has one
-    (a behaviour-cloned head, `bridge.tiny_smolvlm bc`); unchanged otherwise."""
-    from jaxrl_vla.models.vla.gaussian_vla import HEAD_FILE, head_params
+def _proprio_dim(use_proprio: Any, env: Any) -> int:
+    """The proprio token's input size for `policy.action_head.proprio` (0: none, or the env has no proprio)."""
+    if not isinstance(use_proprio, bool):
+        raise ConfigError(f"policy.action_head.proprio must be true or false, got {use_proprio!r}")
+    space = env.observation_space
+    proprio = space.get("proprio") if use_proprio and isinstance(space, dict) else None
+    if proprio is not None and len(proprio.shape) != 1:
+        raise ConfigError(f"policy.action_head.proprio: the env's proprio must be a vector, it has shape {proprio.shape}")
+    return int(np.prod(proprio.shape)) if proprio is not None else 0
+
+
+def _with_head_file(variables: dict, path: str | None, flow: bool = False) -> dict:
+    """`variables` with the Gaussian head from `<model_path>/action_head.safetensors` (`flow`: the flow head from
+    `flow_head.safetensors`) when the directory has one (a behaviour-cloned head, `bridge.tiny_smolvlm bc`);
+    unchanged otherwise."""
+    if flow:
+        from jaxrl_vla.models.vla.flow_vla import HEAD_FILE, head_params
+    else:
+        from jaxrl_vla.models.vla.gaussian_vla import HEAD_FILE, head_params
 
     file = Path(path) / HEAD_FILE if path else None
     if file is None or not file.is_file():
