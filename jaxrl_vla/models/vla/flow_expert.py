@@ -24,7 +24,17 @@ Modes (`FlowExpertConfig.mode`):
   (`k_cross`/`v_cross`, only when the layouts differ). Cross-attention reuses the
   shared `Attention` block: the prefix is passed as `kv_prefix` and the mask hides
   the expert's own keys. (SmolVLA's self-attention layers also see the prefix;
-  here they do not: the prefix enters through the cross layers only.)
+  here they do not: the prefix enters through the cross layers only. Mode
+  "smolvla" is LeRobot's layout exactly.)
+- "smolvla" (LeRobot's SmolVLA, `smolvlm_with_expert.py`): the expert keeps the
+  VLM's head layout. Layers with index % self_attn_every == 0 attend to the
+  prefix's keys/values of that layer *and* the chunk's own keys, causally among
+  the action tokens, queries and own keys at rotary positions n + 0..H-1 (n =
+  the number of real prefix tokens); the others are cross-attention whose
+  `self_attn.k_proj` / `v_proj` map the layer's (rotary-phased) prefix keys and
+  values [kv_heads * head_dim] -> [kv_heads * head_dim], no rotary on them,
+  queries at positions 0..H-1. Parameter names follow LeRobot's lm_expert
+  (`layers_i/self_attn/{q,k,v,o}_proj`, `mlp`, the two norms, `norm`).
 
 The prefix is one (k, v) per expert layer, each [B, Tp, kv_heads, head_dim]
 with rotary phase applied (DecoderLM(..., return_kv=True)); keep the first L VLM
@@ -42,10 +52,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxrl_vla.config import ConfigError
-from jaxrl_vla.models.vla.layers import KV, Attention, GatedMLP, RMSNorm, rope_cos_sin
+from jaxrl_vla.models.vla.layers import KV, Attention, GatedMLP, RMSNorm, apply_rope, attend, rope_cos_sin
 from jaxrl_vla.models.vla.llama import DecoderConfig, DecoderLM
 
-MODES = ("joint", "cross")
+MODES = ("joint", "cross", "smolvla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,10 +84,10 @@ class FlowExpertConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"flow expert mode {self.mode!r} is unknown; choose one of {list(MODES)}")
-        if self.mode == "joint" and (self.num_kv_heads, self.head_dim) != (self.prefix_num_kv_heads,
+        if self.mode in ("joint", "smolvla") and (self.num_kv_heads, self.head_dim) != (self.prefix_num_kv_heads,
                                                                           self.prefix_head_dim):
             raise ConfigError(
-                f"joint flow expert needs the VLM's head layout: num_kv_heads/head_dim "
+                f"{self.mode} flow expert needs the VLM's head layout: num_kv_heads/head_dim "
                 f"({self.num_kv_heads}, {self.head_dim}) != prefix ({self.prefix_num_kv_heads}, "
                 f"{self.prefix_head_dim}); use mode 'cross' for other layouts"
             )
@@ -147,6 +157,56 @@ class CrossExpertLayer(nn.Module):
         return x + mlp(RMSNorm(cfg.rms_norm_eps, dtype=self.dtype, name="post_attention_layernorm")(x))
 
 
+class SmolVLACrossAttention(nn.Module):
+    """LeRobot's cross layer attention: queries from the chunk, keys/values `k_proj`/`v_proj` of the prefix's."""
+
+    config: FlowExpertConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, prefix: KV, mask: jax.Array) -> jax.Array:
+        cfg = self.config
+        batch, length, _ = x.shape
+        k_p, v_p = prefix
+        tp = k_p.shape[1]
+        dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, name=name,
+                                         kernel_init=nn.initializers.normal(cfg.initializer_range))
+        q = apply_rope(dense(cfg.num_heads * cfg.head_dim, "q_proj")(x).reshape(batch, length, -1, cfg.head_dim),
+                       cos, sin)
+        width = cfg.num_kv_heads * cfg.head_dim
+        k = dense(width, "k_proj")(k_p.reshape(batch, tp, -1).astype(self.dtype)).reshape(batch, tp, -1, cfg.head_dim)
+        v = dense(width, "v_proj")(v_p.reshape(batch, tp, -1).astype(self.dtype)).reshape(batch, tp, -1, cfg.head_dim)
+        return dense(cfg.hidden_size, "o_proj")(attend(q, k, v, mask))
+
+
+class SmolVLAExpertLayer(nn.Module):
+    """One LeRobot lm_expert layer (mode "smolvla"): self-attention over [prefix, chunk] or cross-attention."""
+
+    config: FlowExpertConfig
+    cross: bool
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, rope_own: tuple[jax.Array, jax.Array], rope_cross: tuple[jax.Array, jax.Array],
+                 prefix: KV, prefix_vis: jax.Array) -> jax.Array:
+        cfg = self.config
+        batch, length, _ = x.shape
+        tp = prefix[0].shape[1]
+        h = RMSNorm(cfg.rms_norm_eps, dtype=self.dtype, name="input_layernorm")(x)
+        seen = jnp.broadcast_to(prefix_vis[:, None, :], (batch, length, tp))
+        if self.cross:
+            h = SmolVLACrossAttention(cfg, self.dtype, name="self_attn")(h, *rope_cross, prefix, seen)
+        else:
+            causal = jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool)), (batch, length, length))
+            attn = Attention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, dtype=self.dtype,
+                             init_std=cfg.initializer_range, name="self_attn")
+            h, _ = attn(h, *rope_own, jnp.concatenate([seen, causal], axis=-1), prefix)
+        x = x + h
+        mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, dtype=self.dtype,
+                       init_std=cfg.initializer_range, name="mlp")
+        return x + mlp(RMSNorm(cfg.rms_norm_eps, dtype=self.dtype, name="post_attention_layernorm")(x))
+
+
 class FlowExpert(nn.Module):
     """Velocity field of the action chunk given the VLM prefix.
 
@@ -183,6 +243,15 @@ class FlowExpert(nn.Module):
                                     jnp.ones((batch, chunk, chunk), bool)], axis=-1)
             hidden = DecoderLM(cfg.decoder_config(), self.dtype, name="expert")(
                 inputs_embeds=h, position_ids=positions, mask=mask, kv_prefix=tuple(prefix_kv))
+        elif cfg.mode == "smolvla":
+            own = jnp.sum(vis, axis=1, dtype=jnp.int32)[:, None] + jnp.arange(chunk)[None]
+            rope_own = rope_cos_sin(own, cfg.head_dim, cfg.rope_theta, self.dtype)
+            rope_cross = rope_cos_sin(jnp.broadcast_to(jnp.arange(chunk), (batch, chunk)), cfg.head_dim,
+                                      cfg.rope_theta, self.dtype)
+            for i, kv in enumerate(prefix_kv):
+                h = SmolVLAExpertLayer(cfg, cross=i % cfg.self_attn_every != 0, dtype=self.dtype,
+                                       name=f"layers_{i}")(h, rope_own, rope_cross, kv, vis)
+            hidden = RMSNorm(cfg.rms_norm_eps, dtype=self.dtype, name="norm")(h)
         else:
             cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, self.dtype)
             for i, kv in enumerate(prefix_kv):
