@@ -447,3 +447,66 @@ def save_lerobot_dir(out: str | os.PathLike, params: Mapping[str, Any], info: Le
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+# ----------------------------------------------------------------------------- the policy (jaxrl_vla.models.vla_policy)
+
+_MODEL_CONFIG_KEYS = ("flow",)
+
+
+def build_lerobot_model(policy_cfg: Mapping[str, Any], env: Any, master: Any) -> tuple[Any, dict[str, Any]]:
+    """(SmolVLA twin, variables) for `policy.vla_config.model_path` a LeRobot SmolVLA directory.
+
+    The env's `rgb` goes to the tower, its `proprio` is LeRobot's observation.state (normalised as LeRobot
+    does), its token prompt the language tokens; `policy.vla_config.model_config.flow` ({method, noise_level,
+    noise_min, noise_max, steps}; steps default to LeRobot's num_steps) picks the sampler. The action dim,
+    the executed chunk (policy.action_chunk = LeRobot's n_action_steps), the state dim, the image size and
+    the token ids are checked against the env, each error naming both values.
+    """
+    from jaxrl_vla.models.lm_policy import prompt_keys
+    from jaxrl_vla.models.vla.heads.flow import FlowConfig
+
+    vla = policy_cfg["vla_config"]
+    path = Path(vla["model_path"])
+    extra = dict(vla.get("model_config") or {})
+    unknown = sorted(set(extra) - set(_MODEL_CONFIG_KEYS))
+    if unknown:
+        raise LeRobotDirError(f"policy.vla_config.model_config.{unknown[0]}: unknown key for a LeRobot directory "
+                              f"(known: {list(_MODEL_CONFIG_KEYS)})")
+    config = read_json(path / CONFIG_FILE)
+    flow = dict(extra.get("flow") or {})
+    flow.setdefault("steps", int(config.get("num_steps", 10)))
+    flow_cfg = FlowConfig.from_dict(flow)
+    space = env.observation_space if isinstance(getattr(env, "observation_space", None), dict) else {}
+    for key in ("rgb", "proprio"):
+        if key not in space:
+            raise LeRobotDirError(f"policy.vla_config.model_path: a LeRobot SmolVLA reads the env's {key!r} "
+                                  f"observation, which it lacks (it offers {sorted(space)})")
+    ids_key, mask_key = prompt_keys(env)
+    model, variables, _ = read_lerobot_dir(path, param_dtype=master, flow=flow_cfg, image_key="rgb",
+                                           state_key="proprio", lang_key=ids_key, mask_key=mask_key)
+    cfg = model.config
+    where = f"{path / CONFIG_FILE}"
+    env_action = tuple(getattr(env.action_space, "shape", ()))
+    if env_action != (cfg.action_dim,):
+        raise LeRobotDirError(f"{where}: output_features.action has dimension {cfg.action_dim}, the env's actions "
+                              f"have shape {env_action}")
+    chunk = int(policy_cfg.get("action_chunk", 1))
+    if chunk != cfg.n_action_steps:
+        raise LeRobotDirError(f"policy.action_chunk ({chunk}) != n_action_steps ({cfg.n_action_steps}) of {where}: "
+                              f"set policy.action_chunk to {cfg.n_action_steps} (the chunk the policy executes)")
+    state = tuple(space["proprio"].shape)
+    if state != (cfg.state_dim,):
+        raise LeRobotDirError(f"{where}: input_features.observation.state has dimension {cfg.state_dim}, the env's "
+                              f"proprio has shape {state}")
+    image, size = tuple(space["rgb"].shape), cfg.vlm.vision.image_size
+    if image != (size, size, 3):
+        raise LeRobotDirError(f"{where}: the VLM's tower takes {size}x{size}x3 images, the env's rgb is "
+                              f"{'x'.join(map(str, image))} (set env.image_size)")
+    high = int(np.max(np.asarray(getattr(space[ids_key], "high", 0))))
+    if high >= cfg.vlm.text.vocab_size:
+        raise LeRobotDirError(f"{where}: the env's token ids reach {high}, the VLM's vocabulary has "
+                              f"{cfg.vlm.text.vocab_size} (the ids must be the VLM tokenizer's)")
+    variables = jax.tree_util.tree_map(lambda x: x.astype(master) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                                       variables)
+    return model, variables

@@ -208,3 +208,44 @@ def test_bad_input_lines(tmp_path):
         lerobot_dir.read_lerobot_dir(path2)
     with pytest.raises(ConfigError, match="steps=1 with method 'flow_sde': needs >= 2 steps"):
         FlowConfig(steps=1, method="flow_sde")
+
+
+def _train_config(policy_dir: Path, out: Path, **policy) -> dict:
+    return {
+        "trainer": {"buffer_type": "standard", "num_envs": 2, "buffer_size": 4, "iterations": 1, "seed": 0,
+                    "eval_freq": 0, "save_freq": 1, "exp_name": "lerobot_smolvla", "output_dir": str(out)},
+        "algorithm": {"name": "ppo", "cfg": {"learning_rate": 1e-4, "n_epochs": 1, "batch_size": 4,
+                                             "gamma": 0.9, "gae_lambda": 0.9}},
+        "policy": {"name": "vla", "action_chunk": 2,
+                   "vla_config": {"model_path": str(policy_dir), "model_config": {"flow": {"method": "flow_sde"}}},
+                   **policy},
+        "env": {"name": "VLReach-v0", "num_objects": 2, "image_size": IMAGE, "action_dim": 2,
+                "max_episode_steps": 8, "proprio_velocity": False},
+    }
+
+
+def _run_cli(config: dict, tmp_path: Path):
+    import subprocess
+    import sys
+
+    file = tmp_path / "train.json"
+    file.write_text(json.dumps(config))
+    return subprocess.run([sys.executable, "-m", "jaxrl_vla.train", "--config", str(file), "--no-progress"],
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow  # a CLI training subprocess on a LeRobot directory
+def test_cli_trains_one_iteration_from_a_lerobot_dir_and_names_env_mismatches(tmp_path):
+    path, *_ = _make(tmp_path, "kv<heads,processor")
+    result = _run_cli(_train_config(path, tmp_path / "runs"), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = (tmp_path / "runs").iterdir()
+    assert any((run / "checkpoints").iterdir())
+    bad = _train_config(path, tmp_path / "runs_bad", action_chunk=4)
+    result = _run_cli(bad, tmp_path)
+    assert result.returncode == 2 and "policy.action_chunk (4) != n_action_steps (2)" in result.stderr
+    bad["policy"]["action_chunk"], bad["env"]["action_dim"] = 2, 3
+    result = _run_cli(bad, tmp_path)
+    assert result.returncode == 2 and "output_features.action has dimension 2, the env's actions have shape (3,)" \
+        in result.stderr
+    assert not (tmp_path / "runs_bad").exists()

@@ -327,6 +327,11 @@ def build_vla_policy(policy_cfg: dict, env: Any, value_head_optional: bool = Fal
 
         model, variables = build_lm_model(policy_cfg, env, master)
         return _finish_policy(policy_cfg, model_config, env, model, variables, dtype)
+    if vla.get("model_path") and _is_lerobot_dir(vla["model_path"]):  # a LeRobot policy directory (SmolVLA)
+        from bridge.lerobot_dir import build_lerobot_model
+
+        model, variables = build_lerobot_model(policy_cfg, env, master)
+        return _finish_policy(policy_cfg, {}, env, model, variables, dtype)
     if policy_cfg.get("action_chunk", 1) != 1:
         model_config.setdefault("action_chunk", policy_cfg["action_chunk"])
         if model_config["action_chunk"] != policy_cfg["action_chunk"]:
@@ -358,6 +363,13 @@ def build_vla_policy(policy_cfg: dict, env: Any, value_head_optional: bool = Fal
     else:
         model, variables = _random_twin(vla["model_class"], model_config)
     return _finish_policy(policy_cfg, model_config, env, model, variables, dtype)
+
+
+def _is_lerobot_dir(path: str) -> bool:
+    """A directory whose config.json is LeRobot's (a policy `type`, no `model_type`): bridge.lerobot_dir reads it."""
+    from bridge.lerobot_dir import is_lerobot_dir
+
+    return is_lerobot_dir(path)
 
 
 def _finish_policy(policy_cfg: dict, model_config: dict, env: Any, model: nn.Module, variables: dict,
