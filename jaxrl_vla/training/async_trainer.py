@@ -78,7 +78,7 @@ from jaxrl_vla.envs.host import HostVecEnv, as_host_env, is_host_env
 from jaxrl_vla.envs.wrappers import VecEnv
 from jaxrl_vla.models.policy import zeros_like_obs
 from jaxrl_vla.models.vla_policy import auxiliary_loss
-from jaxrl_vla.training import compiler, sharding
+from jaxrl_vla.training import compiler, distributed, sharding
 from jaxrl_vla.training.acting import act_chunk_with_info, state_value, value_where
 from jaxrl_vla.training.learner import TrainState, initial_train_state, make_learn_fn
 from jaxrl_vla.training.normalizer import init_stats
@@ -378,8 +378,13 @@ class AsyncTrainer(Trainer):
         self.num_collectors = int(num_collectors) if self.async_mode else 1
         self.env_step_timeout = float(env_step_timeout)
         self.host_env = as_host_env(env)
+        # several processes (`training.distributed`): each steps its share of the envs with its own collectors
+        self._multi = jax.process_count() > 1
+        self._envs_here = self.num_envs // jax.process_count()
+        if self._multi:
+            self._check_across_processes()
         fixed = getattr(self.host_env, "fixed_num_envs", None)
-        if fixed is not None and self.num_envs // self.num_collectors != fixed:
+        if fixed is not None and self._envs_here // self.num_collectors != fixed:
             raise ValueError(f"trainer.num_envs: {self.host_env!r} holds {fixed} env copies, so each of the "
                              f"{self.num_collectors} collector(s) steps {fixed}: num_envs must be "
                              f"{fixed * self.num_collectors}, got {self.num_envs} (or pass a factory of the env)")
@@ -392,6 +397,24 @@ class AsyncTrainer(Trainer):
         self._eval_env: HostVecEnv | None = None
         if self._remote is not None:  # before anything is written: an unreachable address fails here
             ray_collectors.connect(self._remote)
+
+    def _check_across_processes(self) -> None:
+        """What several processes need (ValueErrors naming the field, before anything is written): every
+        process's collectors own num_envs / processes envs, which its own devices' rows of the mesh hold."""
+        processes = jax.process_count()
+        if self._remote is not None:
+            raise ValueError("trainer.collectors.backend 'ray' runs in one process: with several processes "
+                             "(trainer.distributed) each process runs its own thread collectors (backend 'threads')")
+        if type(self.cfg) is not ppo.PPOConfig:
+            raise ValueError(f"algorithm.name: {type(self.cfg).__name__} with host collectors on several processes "
+                             "is not supported yet (PPO only); run it in one process")
+        if self.num_envs % (processes * self.num_collectors):
+            raise ValueError(f"trainer.num_envs ({self.num_envs}) must be divisible by the processes ({processes}) x "
+                             f"trainer.num_collectors ({self.num_collectors}): each process's collectors own "
+                             "num_envs / processes envs")
+        if self.num_envs % self.mesh.size:
+            raise ValueError(f"trainer.num_envs ({self.num_envs}) must be divisible by the number of devices "
+                             f"({self.mesh.size}): the learner's batch is split by env over the mesh")
 
     # ------------------------------------------------------------------ setup
 
@@ -415,9 +438,6 @@ class AsyncTrainer(Trainer):
                                        deterministic)
 
         learn = self._make_learn(apply_fn)
-        if jax.process_count() > 1:
-            raise ValueError("trainer.distributed: several processes train in standard mode with a JAX-native env; "
-                             "vla mode's host collectors (and host envs) run in one process for now")
         template = jax.eval_shape(self._init_state, jax.random.PRNGKey(0), self.init_params)
         # parameters and optimiser state as trainer.mesh places them (fsdp-sharded or replicated)
         self._state_shardings = self._shardings(template)
@@ -492,6 +512,10 @@ class AsyncTrainer(Trainer):
     # ------------------------------------------------------------------ workers
 
     def _publish(self, state: TrainState) -> None:
+        if self._multi:  # collectors act in this process only: a process-local copy (a collective under fsdp)
+            params, obs_stats = distributed.local_copy((state.params, state.obs_stats), self.mesh)
+            self.store.publish(int(state.iteration), params, obs_stats)
+            return
         self.store.publish(int(state.iteration), state.params, state.obs_stats)
 
     def _start_workers(self, start_iteration: int) -> None:
@@ -504,13 +528,16 @@ class AsyncTrainer(Trainer):
                 "start new collectors while they run (restart the process)"
             )
         self._publish(self.state)
-        self._compile_acting(self.num_envs // self.num_collectors)
+        self._compile_acting(self._envs_here // self.num_collectors)
         self._collect_stop = threading.Event()
-        per_collector = self.num_envs // self.num_collectors
+        per_collector = self._envs_here // self.num_collectors
+        # with several processes, collector c of process p is collector p * num_collectors + c of the run (its
+        # env seeds and key), as if one process ran them all
+        first = jax.process_index() * self.num_collectors
         base_key = jax.random.fold_in(jax.random.PRNGKey(self.seed), 0x5EED + start_iteration)
         example, obs = self._example_step(per_collector)
         self.collectors = []
-        for c in range(self.num_collectors):
+        for c in range(first, first + self.num_collectors):
             buffer = VLABuffer(example, self.buffer_size * per_collector, example_obs=obs, overwrite=False)
             env_seed = self.seed + 1_000 * (start_iteration + 1) + 97 * c
             if self._remote is not None:  # trainer.collectors.backend 'ray': envs and an inference copy in an actor
@@ -524,7 +551,7 @@ class AsyncTrainer(Trainer):
             self.collectors.append(self._new_collector(c, per_collector, env_seed, buffer,
                                                        jax.random.fold_in(base_key, c), example.value.dtype,
                                                        start_iteration))
-        if is_host_env(self.env) and self.eval_freq > 0:
+        if is_host_env(self.env) and self.eval_freq > 0 and distributed.is_primary():
             self._eval_env = self.host_env.make(self._eval_copies(), self.seed + 1)
         if self.async_mode:
             for collector in self.collectors:
@@ -621,6 +648,8 @@ class AsyncTrainer(Trainer):
         return concat_envs([t[0] for t in taken], axis=1), concat_envs([t[1] for t in taken], axis=0)
 
     def _run_iteration(self, prefetch: bool = False):
+        if self._multi:
+            return self._run_iteration_across_processes()
         t0 = time.perf_counter()
         collected = self._collect()
         if collected is None:
@@ -642,6 +671,79 @@ class AsyncTrainer(Trainer):
         if successes:
             metrics["success_rate"] = float(np.mean(successes))
         return new_state, metrics, episodes
+
+    # ------------------------------------------------------------------ several processes
+
+    def _stop_now(self) -> bool:
+        """With several processes a stop request (Ctrl-C, the callback on process 0) is not acted on alone:
+        `_run_iteration_across_processes` agrees on it, so every process stops at the same iteration."""
+        return False if self._multi else super()._stop_now()
+
+    def _run_iteration_across_processes(self):
+        """One iteration on several processes: wait for this process's buffers (or collect them, standard
+        mode), agree with the others (`distributed.gather_rows`: stop / failure flags, episode sums, oldest
+        acting version), then the learner's update as one SPMD program over the global mesh.
+
+        Lockstep: each process waits for its own buffers; the agreement and the update's collectives sync
+        them. Nothing here raises or returns before the agreement, so no process leaves the others inside a
+        collective: a stop request or a collector fault on one process stops them all at this iteration
+        (the fault re-raised where it happened, a `CollectorError` naming that process elsewhere), and
+        `train` then writes the final checkpoint on every process."""
+        t0 = time.perf_counter()
+        failure: BaseException | None = None
+        taken = None
+        try:
+            if self.async_mode:
+                ready = self._wait(lambda: all(c.buffer.is_full() for c in self.collectors))
+            else:
+                ready = not self._stop.is_set()
+                if ready:
+                    for collector in self.collectors:
+                        collector.collect_steps(self.buffer_size)
+            if ready:
+                taken = [c.buffer.take() for c in self.collectors]
+        except Exception as err:  # noqa: BLE001 - re-raised after the others know
+            failure = err
+        local_episodes, successes = drain_episodes(self.collectors)
+        oldest = min(int(np.min(t[0].policy_version)) for t in taken) if taken else 0
+        stop = 2 if self.stopped_by_callback else int(self._stop.is_set() or (taken is None and failure is None))
+        rows = distributed.gather_rows([stop, failure is not None, local_episodes.count, local_episodes.return_sum,
+                                      local_episodes.length_sum, local_episodes.success_sum, len(successes), oldest])
+        if rows[:, 1].any():
+            if failure is not None:
+                raise failure
+            failed = ", ".join(str(i) for i in np.flatnonzero(rows[:, 1]))
+            raise CollectorError(f"process(es) {failed} failed (see their output); process {jax.process_index()} "
+                                 f"stops with them at iteration {int(self.state.iteration)}")
+        if rows[:, 0].any():
+            self.stopped_by_callback = bool((rows[:, 0] == 2).any())
+            return None
+        rollout = distributed.global_env_batch(self.mesh, concat_envs([t[0] for t in taken], axis=1), 1, self.num_envs)
+        next_obs = distributed.global_env_batch(self.mesh, concat_envs([t[1] for t in taken], axis=0), 0, self.num_envs)
+        t1 = time.perf_counter()
+        new_state, metrics = self._learn(self.state, rollout, next_obs, self._device_demos)
+        # no collector checks mid-update (raising here would leave the others in its collectives): a fault
+        # that happens now is agreed on at the next iteration
+        jax.block_until_ready((new_state, metrics))
+        metrics = dict(jax.device_get(metrics))
+        train_time = time.perf_counter() - t1
+        self._publish(new_state)
+        total = rows.sum(axis=0)
+        episodes = EpisodeStats(*(np.float32(x) for x in total[2:6]))
+        self._warn_endless(local_episodes)
+        metrics["staleness_max"] = float(int(self.state.iteration) - rows[:, 7].min())
+        metrics["collect_time"] = t1 - t0
+        metrics["train_time"] = train_time
+        if total[6] > 0:
+            metrics["success_rate"] = float(total[5] / total[6])
+        return new_state, metrics, episodes
+
+    def _describe_devices(self) -> str:
+        text = super()._describe_devices()
+        if not self._multi:
+            return text
+        return (f"{text.removesuffix('; ')} (this one steps {self._envs_here} envs in {self.num_collectors} "
+                "collector(s)); ")
 
     def _warn_endless(self, episodes: EpisodeStats) -> None:
         """Warn once a run when a collected episode has run past the episode limit without ending:
@@ -676,13 +778,19 @@ class AsyncTrainer(Trainer):
     def evaluate(self) -> dict[str, float | None]:
         """Deterministic first episodes of num_eval_episodes envs (jitted scan for JAX envs)."""
         if not is_host_env(self.env):
-            return super().evaluate()
+            return super().evaluate()  # one SPMD program: every process runs it (several processes: all call it)
+        if self._multi and not distributed.is_primary():
+            return {}  # several processes: process 0 alone evaluates, with its local copy (no collective)
         if self._eval_env is None:
             self._eval_env = self.host_env.make(self._eval_copies(), self.seed + 1)
         key = jax.random.PRNGKey(self.seed + 1)
 
+        params, obs_stats = self.state.params, self.state.obs_stats
+        if self._multi:  # the process-local copy of this state, published after its update
+            params, obs_stats = self.store.snapshot().params, self.store.snapshot().obs_stats
+
         def act(obs: PyTree, i: int) -> np.ndarray:
-            out = self._act(self.state.params, self.state.obs_stats, obs, key, np.uint32(i), deterministic=True)
+            out = self._act(params, obs_stats, obs, key, np.uint32(i), deterministic=True)
             return np.asarray(jax.device_get(out[0]))
 
         max_chunks = math.ceil(self.episode_limit() / self.chunk)

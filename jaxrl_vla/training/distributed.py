@@ -172,3 +172,66 @@ class SilentLogger:
 
     def close(self) -> None:
         pass
+
+
+# --------------------------------------------------------------------------- host collectors on several processes
+# (vla mode, host envs: `async_trainer.AsyncTrainer`): every process steps its own share of the envs on the host
+# and acts with a process-local copy of the params; the learner's update is one SPMD program over the global mesh.
+
+
+def gather_rows(values: Any) -> Any:
+    """Every process's `values` (a short vector; float32), stacked into [process_count, k] on every process.
+
+    One tiny collective that every process must reach: the async trainer's once-per-iteration agreement
+    (stop / failure flags and the episode sums, so all stop at the same iteration and process 0 logs the
+    global numbers)."""
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray(values, np.float32)))
+
+
+_GATHERS: dict = {}
+
+
+def local_copy(tree: Any, mesh: Any) -> Any:
+    """A process-local copy of the global arrays `tree`, each leaf whole on this process's first device:
+    what host code that runs jitted functions in one process only (the collectors' inference, evaluation)
+    can read without a collective.
+
+    Fully replicated leaves give their addressable shard (no copy). If any leaf is sharded (fsdp), the
+    tree is first gathered to replicated by one jitted identity; that is a collective, so every process
+    must call this at the same point of the program (the trainer publishes on every process after each
+    update)."""
+    import jax
+
+    leaves = [x for x in jax.tree_util.tree_leaves(tree) if isinstance(x, jax.Array)]
+    if any(not x.is_fully_replicated for x in leaves):
+        from jaxrl_vla.training import sharding
+
+        gather = _GATHERS.get(id(mesh))
+        if gather is None:
+            gather = _GATHERS[id(mesh)] = jax.jit(lambda t: t, out_shardings=sharding.replicated(mesh))
+        tree = gather(tree)
+    return jax.tree_util.tree_map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, tree)
+
+
+def global_env_batch(mesh: Any, tree: Any, env_axis: int, num_envs: int) -> Any:
+    """This process's rows of an env-batched tree (numpy, `num_envs / process_count` envs along `env_axis`:
+    1 for [T, N, ...] rollouts, 0 for [N, ...] observations) -> global arrays of `num_envs` envs, the env axis
+    split over the whole mesh as `sharding.batch_sharded` splits it. On the process-major mesh process p's
+    rows become envs [p * n, (p + 1) * n): the order one process with all the collectors concatenates."""
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from jaxrl_vla.training import sharding
+
+    placed = NamedSharding(mesh, PartitionSpec(*([None] * env_axis), sharding.BATCH_AXES))
+
+    def put(x: Any) -> Any:
+        x = np.asarray(x)
+        shape = x.shape[:env_axis] + (num_envs,) + x.shape[env_axis + 1:]
+        return jax.make_array_from_process_local_data(placed, x, shape)
+
+    return jax.tree_util.tree_map(put, tree)

@@ -1025,7 +1025,7 @@ class Trainer:
         done, size = start, None
         seconds_per_iteration: float | None = None
         while done < total:
-            if self._stop.is_set() and self._pending is None:
+            if self._pending is None and self._stop_now():
                 return True
             size = size or self._next_call_size(done, total, seconds_per_iteration)
             after = done + size
@@ -1148,6 +1148,11 @@ class Trainer:
 
     def _stop_workers(self) -> None:
         """Hook: stop and join background work; runs even when the loop raised."""
+
+    def _stop_now(self) -> bool:
+        """Whether the loop stops before its next call: a stop was requested (Ctrl-C, the callback). The
+        async trainer on several processes agrees on it inside its iteration instead."""
+        return self._stop.is_set()
 
     def request_stop(self) -> None:
         """Finish the calls already dispatched (the current one and at most one ahead,
