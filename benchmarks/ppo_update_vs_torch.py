@@ -152,6 +152,11 @@ def torch_update(model: TorchVLA, opt, batch: dict, size: dict, gen) -> None:
 # ----------------------------------------------------------------------------- benchmark
 
 
+def _load() -> str:
+    """`uptime`'s load averages (1, 5, 15 min): the 2 cores are shared, so each section says how busy they were."""
+    return "/".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def _median_time(fn, repeats: int) -> tuple[float, float]:
     """(first call's seconds, median of `repeats` further calls)."""
     t0 = time.perf_counter()
@@ -179,6 +184,7 @@ def run(size_name: str, repeats: int, threads: int = 2) -> list[dict]:
     from jaxrl_vla.types import Batch
 
     torch.set_num_threads(threads)
+    load_before = _load()
     size = SIZES[size_name]
     torch.manual_seed(0)
     lm = transformers.LlamaModel(llama_config(size)).float()
@@ -191,7 +197,7 @@ def run(size_name: str, repeats: int, threads: int = 2) -> list[dict]:
                         input_key="ids", mask_key="mask")  # fmt: skip
     data = make_batch(size)
     obs = {k: jnp.asarray(data[k]) for k in ("ids", "mask", "proprio")}
-    fresh = model.init(jax.random.PRNGKey(1), jax.tree.map(lambda x: x[:1], obs))
+    fresh = jax.jit(model.init)(jax.random.PRNGKey(1), jax.tree.map(lambda x: x[:1], obs))  # jitted: one compile
     rng = np.random.default_rng(1)
     params = {**fresh["params"], "lm": lm_vars["params"]}
     for k in ("action_mean", "value_head"):  # non-trivial heads, so the readout matters in the loss check
@@ -225,7 +231,7 @@ def run(size_name: str, repeats: int, threads: int = 2) -> list[dict]:
                           for p, ab in lora.items()}  # fmt: skip
         tmodel = TorchVLA(lm, size, head, torch_lora)
         # the same loss on the same batch, before any step
-        jax_loss = float(ppo.ppo_loss(train_params, apply_fn, batch, cfg)[0])
+        jax_loss = float(jax.jit(lambda p: ppo.ppo_loss(p, apply_fn, batch, cfg)[0])(train_params))
         with torch.no_grad():
             torch_loss = float(tmodel.loss(tbatch))
         if not np.isclose(jax_loss, torch_loss, rtol=1e-4, atol=1e-5):
@@ -252,6 +258,7 @@ def run(size_name: str, repeats: int, threads: int = 2) -> list[dict]:
                "torch_update_s": round(torch_s, 5), "jax_samples_per_s": round(samples / jax_s, 1),
                "torch_samples_per_s": round(samples / torch_s, 1), "jax_over_torch": round(torch_s / jax_s, 3),
                "loadavg_1m": round(os.getloadavg()[0], 2)}  # fmt: skip
+        row["load_before"], row["load_after"] = load_before, _load()
         print(json.dumps(row), flush=True)
         results.append(row)
         if variant == "full":  # the LoRA variant starts from the same, untrained base weights
@@ -263,7 +270,6 @@ def run(size_name: str, repeats: int, threads: int = 2) -> list[dict]:
 def section(rows: list[dict]) -> str:
     from _report import machine, machine_line
 
-    loads = sorted(r["loadavg_1m"] for r in rows)
     r0 = rows[0]
     lines = [
         "## ppo_update_vs_torch",
@@ -273,7 +279,8 @@ def section(rows: list[dict]) -> str:
         f"({r0['params'] / 1e6:.1f}M parameters), jaxrl_vla's jitted `ppo.update` against transformers' LlamaModel + the "
         "same head, loss, clip and Adam in torch eager (sdpa attention, 2 threads), same weights and batch; both losses "
         "asserted equal first. Median of the timed updates after the first. CPU only: no GPU was lent to this "
-        f"measurement; 2 cores shared with other jobs (1-minute load average {loads[0]}-{loads[-1]} while measuring), so "
+        f"measurement; 2 cores shared with other jobs (load average 1/5/15 min {r0['load_before']} before the run, "
+        f"{rows[-1]['load_after']} after it), so "
         "read the ratios, measured side by side in one process, rather than the absolute rates.",
         "",
         "| variant | trainable params | loss JAX / torch | JAX compile s | JAX update s | torch update s | "
