@@ -118,6 +118,11 @@ class FlowVLA(nn.Module):
         return hidden, tuple(kv[: self.expert.num_layers]), mask
 
     def __call__(self, obs: Mapping[str, jax.Array]) -> tuple[FlowChainDist, jax.Array]:
+        dist, value, _ = self.forward(obs)
+        return dist, value
+
+    def forward(self, obs: Mapping[str, jax.Array]) -> tuple[FlowChainDist, jax.Array, jax.Array]:
+        """(dist, value [B], readout [B, E] float32): `__call__` plus the readout (behaviour cloning's probe)."""
         hidden, kv, mask = self.prefix(obs)
         readout = take_rows(hidden, last_real_index(mask))
         if self.vlm is not None and self.is_initializing():  # the VLM's LM head: loaded and exported with it
@@ -128,7 +133,7 @@ class FlowVLA(nn.Module):
             self.head(jnp.zeros((batch, self.expert.chunk, self.expert.action_dim)), jnp.ones((batch,)), kv, mask)
         head_params = {"params": self.head.variables["params"]}
         module = FlowActionHead(self.expert, self.flow, self.dtype, parent=None)  # unbound: applied purely
-        return FlowChainDist(head_params, kv, mask, module), value
+        return FlowChainDist(head_params, kv, mask, module), value, readout.astype(jnp.float32)
 
 
 def head_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
