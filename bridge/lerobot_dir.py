@@ -510,3 +510,60 @@ def build_lerobot_model(policy_cfg: Mapping[str, Any], env: Any, master: Any) ->
     variables = jax.tree_util.tree_map(lambda x: x.astype(master) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                                        variables)
     return model, variables
+
+
+# ----------------------------------------------------------------------------- export of a trained run
+
+
+def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """A run trained from a LeRobot directory written back as one (its RL heads beside): the source
+    directory (the run config's policy.vla_config.model_path) gives the layout, the statistics and config.json;
+    the weights are the run's latest checkpoint (LoRA adapters folded in), in the source's stored dtypes.
+
+    Checked before anything is loaded or written (LeRobotDirError, a ConfigError): `out` must not exist unless
+    `overwrite`, the run must have a config.json whose model_path is a LeRobot directory."""
+    from jaxrl_vla.eval import EvalError, load_run
+    from jaxrl_vla.models.vla_policy import unwrap_variables
+
+    run_dir, target = Path(run_dir), Path(out)
+    if target.exists() and not overwrite:
+        raise LeRobotDirError(f"--out {target} exists; pass --overwrite to replace it")
+    run_config = read_json(run_dir / CONFIG_FILE) if (run_dir / CONFIG_FILE).is_file() else None
+    if run_config is None:
+        raise LeRobotDirError(f"--run {run_dir}: no {CONFIG_FILE} (is it a run directory made by jaxrl_vla.train?)")
+    source = ((run_config.get("policy") or {}).get("vla_config") or {}).get("model_path")
+    if not source or not is_lerobot_dir(source):
+        raise LeRobotDirError(f"--run {run_dir}: policy.vla_config.model_path {source!r} is not a LeRobot directory "
+                              f"(a config.json with LeRobot's 'type'; needed for the layout and the statistics)")
+    _, _, info = read_lerobot_dir(source)
+    try:
+        run = load_run(run_dir)
+    except EvalError as err:
+        raise LeRobotDirError(str(err)) from None
+    variables = unwrap_variables(jax.tree_util.tree_map(jnp.asarray, run.params))
+    return save_lerobot_dir(target, {"params": variables["params"]}, info, overwrite=overwrite)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bridge.lerobot_dir export --run RUN --out DIR [--overwrite]`: exit 0 (prints DIR) or 2 (one line)."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m bridge.lerobot_dir",
+                                     description="LeRobot SmolVLA directories (bridge.lerobot_dir)")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("export", help="write a run trained from a LeRobot directory back as one")
+    p.add_argument("--run", required=True, help="a run directory of jaxrl_vla.train (its latest checkpoint)")
+    p.add_argument("--out", required=True, help="the LeRobot directory to write (must not exist)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    args = parser.parse_args(argv)
+    try:
+        print(export_run(args.run, args.out, overwrite=args.overwrite))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

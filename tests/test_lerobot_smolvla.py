@@ -249,3 +249,67 @@ def test_cli_trains_one_iteration_from_a_lerobot_dir_and_names_env_mismatches(tm
     assert result.returncode == 2 and "output_features.action has dimension 2, the env's actions have shape (3,)" \
         in result.stderr
     assert not (tmp_path / "runs_bad").exists()
+
+
+def _export_cli(*args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "bridge.lerobot_dir", "export", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.long  # ~40 s on 2 cores: a CLI training subprocess, then the export
+def test_export_cli_writes_the_trained_run_back_as_a_lerobot_dir(tmp_path, capsys):
+    from jaxrl_vla.eval import load_run
+    from jaxrl_vla.models.vla_policy import unwrap_variables
+
+    path, *_ = _make(tmp_path, "kv<heads,processor")
+    result = _run_cli(_train_config(path, tmp_path / "runs"), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = (tmp_path / "runs").iterdir()
+    out = tmp_path / "exported"
+    assert lerobot_dir.main(["export", "--run", str(run), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    # LeRobot's names and layout: the source's files (config.json and the statistics as they were) + the RL heads
+    names = sorted(p.name for p in path.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == sorted(names + [lerobot_dir.RL_HEADS_FILE])
+    for name in names:
+        if name == lerobot_dir.MODEL_FILE:
+            a, b = dict(hf_dir.iter_safetensors(path / name)), dict(hf_dir.iter_safetensors(out / name))
+            assert sorted(a) == sorted(b) and all(a[k].dtype == b[k].dtype for k in a)
+            assert any(not np.array_equal(a[k], b[k]) for k in a)  # PPO moved LeRobot's weights
+        elif name.endswith(".safetensors"):  # the normaliser statistics, bit for bit
+            a, b = dict(hf_dir.iter_safetensors(path / name)), dict(hf_dir.iter_safetensors(out / name))
+            assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a), name
+        else:
+            assert json.loads((path / name).read_text()) == json.loads((out / name).read_text()), name
+    # it reads back with the run's trained weights (RL heads included) and the source's statistics
+    model, variables, info = lerobot_dir.read_lerobot_dir(out)
+    source_model, source_variables, source = lerobot_dir.read_lerobot_dir(path)
+    assert info.layout == source.layout == "processor"
+    assert model.config.normaliser == source_model.config.normaliser
+    assert model.config.normaliser.state.mode != "IDENTITY" and model.config.normaliser.action.b
+    trained = unwrap_variables(load_run(run).params)
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y, np.asarray(x).dtype)),
+                           variables, {"params": trained["params"]})
+    assert not np.array_equal(np.asarray(variables["params"]["value_head"]["kernel"]),
+                              np.asarray(source_variables["params"]["value_head"]["kernel"]))
+    # bad input: an existing --out without --overwrite, a run not trained from a LeRobot directory: exit 2, one line
+    before = (out / lerobot_dir.MODEL_FILE).read_bytes()
+    assert lerobot_dir.main(["export", "--run", str(run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--out {out} exists; pass --overwrite" in err[0]
+    assert (out / lerobot_dir.MODEL_FILE).read_bytes() == before
+    assert lerobot_dir.main(["export", "--run", str(run), "--out", str(out), "--overwrite"]) == 0
+    not_lerobot = tmp_path / "run_from_hf"
+    not_lerobot.mkdir()
+    config = json.loads((run / "config.json").read_text())
+    config["policy"]["vla_config"]["model_path"] = str(tmp_path / "vlm")  # a Hugging Face directory
+    (not_lerobot / "config.json").write_text(json.dumps(config))
+    result = _export_cli("--run", str(not_lerobot), "--out", str(tmp_path / "never"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: --run {not_lerobot}: policy.vla_config.model_path {str(tmp_path / 'vlm')!r} is not a LeRobot "
+        f"directory (a config.json with LeRobot's 'type'; needed for the layout and the statistics)")
+    assert not (tmp_path / "never").exists()
