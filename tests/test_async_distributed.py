@@ -220,7 +220,7 @@ def test_two_processes_train_in_vla_mode_and_resume(tmp_path):
     assert [r["iteration"] for r in records(run_dir)] == [1, 2, 3, 4]
 
 
-@pytest.mark.slow
+@pytest.mark.long  # two processes x JAX start-up and compile: ~30-40 s on 2 quiet cores; CI keeps the train+resume test
 def test_a_stop_or_a_fault_on_one_process_stops_both_at_the_same_iteration(tmp_path):
     # the callback runs on process 0 (it sees the logged records) and stops after iteration 2
     stopped = run_workers(tmp_path / "callback", SMALL + ["trainer.iterations=50"], stop_at=2)
@@ -238,7 +238,7 @@ def test_a_stop_or_a_fault_on_one_process_stops_both_at_the_same_iteration(tmp_p
     assert_same_stop(failed)
 
 
-@pytest.mark.slow
+@pytest.mark.long  # two processes x JAX start-up and compile: ~30-40 s on 2 quiet cores; CI keeps the train+resume test
 def test_ctrl_c_on_one_process_stops_both_from_the_cli(tmp_path):
     port = free_port()
     procs = []
@@ -263,7 +263,7 @@ def test_ctrl_c_on_one_process_stops_both_from_the_cli(tmp_path):
     assert str(last) in [p.name for p in (run_dir / "checkpoints").iterdir()]
 
 
-@pytest.mark.slow
+@pytest.mark.long  # two processes x JAX start-up and compile: ~30-40 s on 2 quiet cores; CI keeps the train+resume test
 def test_the_learner_sees_the_batch_one_process_of_four_devices_sees(tmp_path):
     # learning rate 1e-30 (0 is refused): float32 params never change, so every collector's rows are deterministic (its env seeds, its
     # key and inference counter) whatever version acted them; 2 processes x 2 collectors are collectors 0-3 of
