@@ -156,3 +156,28 @@ def test_flow_config_fine_tunes_the_bc_directory_and_export_writes_the_trained_h
     np.testing.assert_array_equal(head_state_dict(jax.device_get(again["params"]))["value_head.kernel"],
                                   trained["value_head.kernel"])
 
+
+def test_flow_vs_gaussian_report_and_plot_on_fake_rows(tmp_path):
+    pytest.importorskip("matplotlib")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import flow_vs_gaussian as bench
+
+    starts = {"gaussian": {"success_rate": 0.5, "episodes": 128}, "flow_noise": {"success_rate": 0.25, "episodes": 128},
+              "flow_sde": {"success_rate": 0.25, "episodes": 128}}
+    curves = {name: [{"global_step": 2560 * i, "success_rate": s["success_rate"] + 0.05 * i, "return_mean": 0.0,
+                      "wall_s": 60.0 * i if i < 3 else None} for i in range(1, 4)] for name, s in starts.items()}
+    finals = {name: {"success_rate": s["success_rate"] + 0.2, "iteration": 30} for name, s in starts.items()}
+    results = [bench.summary(n, tmp_path / n, curves[n], starts[n], finals[n], {"steps": 600}) for n in starts]
+    assert results[0]["final_success"] == 0.7 and results[0]["best_eval_success"] == pytest.approx(0.65)
+    assert results[1]["env_steps"] == 7680 and results[1]["wall_s"] is None and results[1]["bc_steps"] == 600
+    info = {"machine": "x86_64", "processor": "cpu", "cpu_count": 2, "cpu_affinity": 2, "python": "3.11",
+            "jax": "0.10.2", "jaxlib": "0.10.2", "platform": "Linux"}
+    text = bench.markdown(results, 8.0, "3 at once", {"before": (2.0, 1.5, 1.0), "after": (3.0, 2.5, 2.0)}, info)
+    assert "(8 min per arm, 3 at once)" in text and "the same 128 seeded evaluation episodes" in text
+    assert "| Gaussian head | 50.0% | 70.0% | +20.0 pts | 65.0% | 30 | 7680 | - |" in text
+    assert "| flow head, Flow-SDE | 25.0% | 45.0% | +20.0 pts |" in text
+    assert "before the runs 2.00/1.50/1.00, after the runs 3.00/2.50/2.00" in text and "Machine: x86_64" in text
+    path = bench.plot(curves, starts, tmp_path / "curves.png")
+    assert path.stat().st_size > 10000
+    with pytest.raises(SystemExit, match="--run 'ppo=runs/x'"):
+        bench.parse_runs(["ppo=runs/x"])

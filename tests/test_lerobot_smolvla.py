@@ -259,7 +259,7 @@ def _export_cli(*args: str):
                           timeout=600)
 
 
-@pytest.mark.long  # ~40 s on 2 cores: a CLI training subprocess, then the export
+@pytest.mark.long  # 1-4 min on 2 cores (4 when busy): a CLI training subprocess, then the export
 def test_export_cli_writes_the_trained_run_back_as_a_lerobot_dir(tmp_path, capsys):
     from jaxrl_vla.eval import load_run
     from jaxrl_vla.models.vla_policy import unwrap_variables
