@@ -152,3 +152,37 @@ def write_section(name: str, markdown: str, path: str | Path = BENCHMARKS_MD) ->
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return path
+
+
+def plot_success_curves(path: Path, curves: dict, starts: dict, title: str, baseline: float | None = None,
+                        labels: dict | None = None, colours: dict | None = None) -> Path:
+    """Evaluation success against wall time and against env steps, one line per arm from its start level.
+
+    curves: {arm: [{"global_step", "success_rate", "wall_s" (None when unknown)}, ...]} (finetune_curve.read_curve);
+    starts: {arm: success rate before training}; baseline: a grey dashed line (the shared checkpoint's level)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, colours = labels or {}, colours or {}
+    fig, (by_time, by_steps) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, curve in curves.items():
+        timed = [p for p in curve if p["wall_s"] is not None]
+        style = {"marker": ".", "color": colours.get(name), "label": labels.get(name, name)}
+        by_time.plot([0] + [p["wall_s"] / 60 for p in timed], [starts[name]] + [p["success_rate"] for p in timed], **style)
+        by_steps.plot([0] + [p["global_step"] for p in curve], [starts[name]] + [p["success_rate"] for p in curve], **style)
+    for ax in (by_time, by_steps):
+        if baseline is not None:
+            ax.axhline(baseline, color="grey", linestyle="--", linewidth=1, label="BC checkpoint")
+        ax.set(ylabel="eval success rate (deterministic)", ylim=(0, 1.02))
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    by_time.set(xlabel="wall time (min, process start included)", title=title)
+    by_steps.set(xlabel="env steps", title="same runs against env steps")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

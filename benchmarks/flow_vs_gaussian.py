@@ -98,32 +98,11 @@ def final_level(config: dict, model_path: Path, run_dir: Path) -> dict:
 
 def plot(curves: dict[str, list[dict]], starts: dict[str, dict], path: Path) -> Path:
     """Evaluation success against wall time and against env steps, one line per arm from its BC level."""
-    import matplotlib
+    from _report import plot_success_curves
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (by_time, by_steps) = plt.subplots(1, 2, figsize=(11, 4.2))
-    colours = {"gaussian": "tab:blue", "flow_noise": "tab:orange", "flow_sde": "tab:green"}
-    for name, curve in curves.items():
-        s0 = starts[name]["success_rate"]
-        timed = [p for p in curve if p["wall_s"] is not None]
-        colour = colours.get(name)
-        by_time.plot([0] + [p["wall_s"] / 60 for p in timed], [s0] + [p["success_rate"] for p in timed],
-                     marker=".", color=colour, label=LABELS.get(name, name))
-        by_steps.plot([0] + [p["global_step"] for p in curve], [s0] + [p["success_rate"] for p in curve],
-                      marker=".", color=colour, label=LABELS.get(name, name))
-    for ax in (by_time, by_steps):
-        ax.set(ylabel="eval success rate (deterministic)", ylim=(0, 1.02))
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
-    by_time.set(xlabel="wall time (min, process start included)", title="VLReach-v0, SmolVLM-shaped VLA: PPO from BC")
-    by_steps.set(xlabel="env steps", title="same runs against env steps")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return plot_success_curves(path, curves, {name: starts[name]["success_rate"] for name in curves},
+                               "VLReach-v0, SmolVLM-shaped VLA: PPO from BC", labels=LABELS,
+                               colours={"gaussian": "tab:blue", "flow_noise": "tab:orange", "flow_sde": "tab:green"})
 
 
 def summary(name: str, run_dir: Path, curve: list[dict], start: dict, final: dict, bc: dict) -> dict:

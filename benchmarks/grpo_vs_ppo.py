@@ -36,30 +36,10 @@ PLOT = REPO / "docs" / "grpo_vs_ppo.png"
 
 def plot(curves: dict[str, list[dict]], start: dict, path: Path) -> Path:
     """Evaluation success against wall time and against env steps, one line per algorithm."""
-    import matplotlib
+    from _report import plot_success_curves
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (by_time, by_steps) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, curve in curves.items():
-        points = [p for p in curve if p["wall_s"] is not None]
-        by_time.plot([0] + [p["wall_s"] / 60 for p in points], [start["success_rate"]] + [p["success_rate"] for p in points],
-                     marker=".", label=name.upper())
-        by_steps.plot([0] + [p["global_step"] for p in curve], [start["success_rate"]] + [p["success_rate"] for p in curve],
-                      marker=".", label=name.upper())
-    for ax in (by_time, by_steps):
-        ax.axhline(start["success_rate"], color="grey", linestyle="--", linewidth=1, label="BC checkpoint")
-        ax.set(ylabel="eval success rate (deterministic)", ylim=(0, 1.02))
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
-    by_time.set(xlabel="wall time (min, process start included)", title="VLReach-v0: PPO vs GRPO")
-    by_steps.set(xlabel="env steps", title="same runs against env steps")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return plot_success_curves(path, curves, {name: start["success_rate"] for name in curves}, "VLReach-v0: PPO vs GRPO",
+                               baseline=start["success_rate"], labels={name: name.upper() for name in curves})
 
 
 def summary(name: str, run_dir: Path, curve: list[dict], start: dict) -> dict:
