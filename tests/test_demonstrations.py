@@ -205,6 +205,26 @@ def test_as_demonstrations_takes_the_envs_observations(reach_demos):
     assert chunked.action.shape == (demos.size, 4, 2)
 
 
+
+def test_labels_outside_the_action_box_are_clipped_to_it(reach_demos):
+    """What the env executes is the clipped action (Meta-World's experts emit up to +-12 in [-1, 1])."""
+    from jaxrl_vla.envs.base import Box
+    from jaxrl_vla.tasks.demos import clip_to_action_box
+
+    env, data = reach_demos
+    low, high = np.broadcast_to(np.asarray(env.action_space.low, np.float32), (2,)), np.broadcast_to(
+        np.asarray(env.action_space.high, np.float32), (2,))
+    wide = dict(data, action=np.asarray(data["action"], np.float32) * 10.0)
+    labels = as_demonstrations(wide, env).action
+    np.testing.assert_array_equal(labels, np.minimum(np.maximum(wide["action"], low), high))
+    assert (np.abs(wide["action"]) > high).any()  # the case occurs
+    inside = as_demonstrations(data, env).action  # labels inside the box are untouched
+    np.testing.assert_array_equal(inside, np.asarray(data["action"], np.float32))
+    per_dim = clip_to_action_box(np.array([[3.0, -3.0]], np.float32), Box((-1.0, -2.0), (1.0, 2.0), (2,)))
+    np.testing.assert_array_equal(per_dim, [[1.0, -2.0]])
+    discrete = object()  # a space without bounds (Discrete) leaves the labels as they are
+    np.testing.assert_array_equal(clip_to_action_box(np.array([[7.0]], np.float32), discrete), [[7.0]])
+
 @pytest.mark.parametrize("change,message", [
     (lambda d: d.pop("proprio"), "observation key 'proprio' of the env is missing"),
     (lambda d: d.update(rgb=d["rgb"][:, :16]), "observation 'rgb': demonstrations have uint8[16, 32, 3]"),

@@ -296,6 +296,19 @@ def chunk_labels(action: np.ndarray, episode_id: np.ndarray, chunk: int) -> np.n
     return action[index]
 
 
+def clip_to_action_box(action: np.ndarray, space: Any) -> np.ndarray:
+    """Expert labels clipped to the env's action box (unchanged for a space without bounds).
+
+    Why: the env executes an action clipped to its box, so what the expert did is the clipped
+    label; Meta-World's scripted experts emit up to +-12 in a [-1, 1] box, and pulling the
+    policy's mean towards the raw values (as the demonstration loss did) drags a clone made on
+    the clipped labels (bridge.pretrain_bc_metaworld) away from what it learned."""
+    low, high = getattr(space, "low", None), getattr(space, "high", None)
+    if low is None or high is None:
+        return action
+    return np.clip(action, np.asarray(low, np.float32), np.asarray(high, np.float32)).astype(action.dtype)
+
+
 def as_demonstrations(demos: dict[str, Any], env: Any, chunk: int = 1) -> Any:
     """A loaded demo file -> `jaxrl_vla.types.Demonstrations` for PPO's demonstration loss on `env`.
 
@@ -304,7 +317,8 @@ def as_demonstrations(demos: dict[str, Any], env: Any, chunk: int = 1) -> Any:
     the env's per-step shapes and dtypes, and the words behind the token ids must be
     the env tokenizer's: a demo file made for another variant of the task would
     otherwise teach the policy silently wrong pairs. Raises ValueError naming the
-    key. `chunk` > 1 gives [N, chunk, A] labels (`chunk_labels`).
+    key. `chunk` > 1 gives [N, chunk, A] labels (`chunk_labels`). Labels outside the
+    env's action box are clipped to it (`clip_to_action_box`).
     """
     from jaxrl_vla.envs.base import PRIVILEGED_PREFIX
     from jaxrl_vla.types import Demonstrations
@@ -325,6 +339,7 @@ def as_demonstrations(demos: dict[str, Any], env: Any, chunk: int = 1) -> Any:
     action_shape = tuple(env.action_space.shape)
     if tuple(action.shape[1:]) != action_shape:
         raise ValueError(f"action: demonstrations have {list(action.shape[1:])} per step, the env {list(action_shape)}")
+    action = clip_to_action_box(action, env.action_space)
     vocab = env.tokenizer().vocab if hasattr(env, "tokenizer") else None
     if vocab is not None and demos.get("vocab") and list(demos["vocab"]) != list(vocab):
         raise ValueError("vocab: the demonstrations' token ids name other words than the env's tokenizer")
