@@ -42,9 +42,10 @@ from finetune_curve import ensure_checkpoint, load_config, read_curve, run_train
 CONFIG = REPO / "configs" / "metaworld" / "train_config_async.json"
 # 400 iterations (205k env steps) sets the linear learning-rate decay near what 60 min on one core reaches;
 # the in-run evaluation (20 episodes) every 40 iterations keeps its share of the budget small. Each env
-# copy keeps `env.cache_size` task instances with their renderers (~35 MB each): the default 10 gives a
-# training process with 8 + 20 evaluation copies ~10 GB, two of which do not fit in 24 GB; 3 gives ~5 GB
-# for a ~0.15 s rebuild when a copy's episode draws a task it no longer holds.
+# copy keeps `env.cache_size` task instances with their renderers: the default 10 gives a training process
+# with 8 + 20 evaluation copies ~10 GB, two of which do not fit in 24 GB (one was OOM-killed); 3 gives
+# ~7-8 GB, but evicting instances while collector threads render crashed the bc arm's trainer with a
+# segmentation fault 3 times (docs/environments.md): an open bug, so a run may end early.
 # The config's plain PPO (lr 3e-4 from the first step, no demonstrations) took the BC clone from 70% to 0%
 # deterministic success by iteration 40 (measured; approx_kl 0.18 and clip fraction 0.55 on the first update):
 # the arms add what the VLReach example fine-tunes with, the demonstration loss on the demos the clone was
