@@ -54,9 +54,12 @@ def test_async_config_fine_tunes_a_checkpoint_from_the_cli(tmp_path):
     """One iteration of configs/metaworld/train_config_async.json, shrunk (2 collectors x 1 env, 20-step episodes) but otherwise as is."""
     path = tmp_path / "bc.safetensors"
     tiny_checkpoint(path)
+    demos = tmp_path / "demos.npz"  # the config's demonstration loss reads the BC demos: two short expert episodes
+    pretrain_bc_metaworld.ensure_demos(demos, 1, 0, 0.0, pretrain_bc_metaworld.make_env({**pretrain_bc_metaworld.ENV_KWARGS, "max_episode_steps": 20}))
     overrides = ["trainer.iterations=1", "trainer.num_collectors=2", "trainer.num_envs=2", "trainer.buffer_size=32",
                  "algorithm.cfg.batch_size=32", "trainer.eval_freq=0", f"policy.vla_config.model_path={path}",
-                 "policy.vla_config.model_config.n_layer=1", "env.max_episode_steps=20"]
+                 "policy.vla_config.model_config.n_layer=1", "env.max_episode_steps=20",
+                 f"algorithm.demo_path={demos}"]
     argv = ["--config", str(CONFIGS / "train_config_async.json"), "--output-dir", str(tmp_path / "runs"),
             "--no-progress"] + [a for o in overrides for a in ("--set", o)]
     assert train.main(argv) == 0
