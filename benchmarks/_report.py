@@ -186,3 +186,8 @@ def plot_success_curves(path: Path, curves: dict, starts: dict, title: str, base
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def load_averages() -> str:
+    """`uptime`'s load averages (1/5/15 min) as "a/b/c": the 2 cores are shared, so each section says how busy they were."""
+    return "/".join(f"{x:.2f}" for x in os.getloadavg())

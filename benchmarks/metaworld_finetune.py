@@ -36,7 +36,7 @@ sys.path.insert(0, str(HERE))
 if str(REPO) not in sys.path:
     sys.path.insert(1, str(REPO))
 
-from _report import machine, machine_line, plot_success_curves, write_section  # noqa: E402
+from _report import load_averages, machine, machine_line, plot_success_curves, write_section  # noqa: E402
 from finetune_curve import ensure_checkpoint, load_config, read_curve, run_training  # noqa: E402
 
 CONFIG = REPO / "configs" / "metaworld" / "train_config_async.json"
@@ -110,9 +110,9 @@ def run_arm(name: str, minutes: float, output_dir: Path, core: int | None, episo
         before = in_subprocess(evaluate_start, name, episodes, seed)
         saved.write_text(json.dumps(before))
     print(json.dumps({"arm": name, "before": before}), flush=True)
-    load_before = _load()
+    load_before = load_averages()
     run_dir = run_training(CONFIG, overrides, output_dir / name, minutes)
-    load_after = _load()
+    load_after = load_averages()
     return {**summary(name, run_dir, before, episodes, seed, core), "load_before": load_before, "load_after": load_after}
 
 
@@ -124,10 +124,6 @@ def in_subprocess(fn: Any, *args: Any) -> Any:
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(fn, *args).result()
 
-
-def _load() -> str:
-    """`uptime`'s load averages (1/5/15 min): the cores are shared, so the section says how busy they were."""
-    return "/".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def summary(name: str, run_dir: Path, before: dict, episodes: int, seed: int, core: int | None) -> dict:

@@ -42,6 +42,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _report import load_averages  # noqa: E402
 
 SIZES = {
     "toy": dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
@@ -152,10 +153,6 @@ def torch_update(model: TorchVLA, opt, batch: dict, size: dict, gen) -> None:
 # ----------------------------------------------------------------------------- benchmark
 
 
-def _load() -> str:
-    """`uptime`'s load averages (1, 5, 15 min): the 2 cores are shared, so each section says how busy they were."""
-    return "/".join(f"{x:.2f}" for x in os.getloadavg())
-
 
 def _median_time(fn, repeats: int) -> tuple[float, float]:
     """(first call's seconds, median of `repeats` further calls)."""
@@ -184,7 +181,7 @@ def run(size_name: str, repeats: int, threads: int = 2) -> list[dict]:
     from jaxrl_vla.types import Batch
 
     torch.set_num_threads(threads)
-    load_before = _load()
+    load_before = load_averages()
     size = SIZES[size_name]
     torch.manual_seed(0)
     lm = transformers.LlamaModel(llama_config(size)).float()
@@ -258,7 +255,7 @@ def run(size_name: str, repeats: int, threads: int = 2) -> list[dict]:
                "torch_update_s": round(torch_s, 5), "jax_samples_per_s": round(samples / jax_s, 1),
                "torch_samples_per_s": round(samples / torch_s, 1), "jax_over_torch": round(torch_s / jax_s, 3),
                "loadavg_1m": round(os.getloadavg()[0], 2)}  # fmt: skip
-        row["load_before"], row["load_after"] = load_before, _load()
+        row["load_before"], row["load_after"] = load_before, load_averages()
         print(json.dumps(row), flush=True)
         results.append(row)
         if variant == "full":  # the LoRA variant starts from the same, untrained base weights

@@ -66,15 +66,13 @@ SIZES = {
                          pad_token_id=0),
     ),
 }  # fmt: skip
+from _report import load_averages  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # run a size only where MemAvailable holds this multiple of its weights: the writer's torch model (1x, freed
 # before the load) and the load's peak (target 1.3x) with room for the reader's and jax's own memory
 MEMORY_NEEDED = 2.0
 
-
-def _load() -> str:
-    """`uptime`'s load averages (1, 5, 15 min): the 2 cores are shared, so the section says how busy they were."""
-    return "/".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def _model(size: str):
@@ -175,7 +173,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = ap.parse_args(argv)
     rows = []
     for size in args.sizes:
-        load_before = _load()
+        load_before = load_averages()
         estimate, available = weights_estimate(size), _available_bytes()
         if available < MEMORY_NEEDED * estimate:  # the torch model while writing, then the load's peak
             row = {"bench": "vlm_convert", "size": size, "dtype": "bfloat16", "skipped": True,
@@ -192,7 +190,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    "weights_bytes": weights, "wall_s": round(res["wall_s"], 3),
                    "peak_extra_bytes": res["peak_extra_bytes"],
                    "peak_extra_over_weights": round(res["peak_extra_bytes"] / weights, 3),
-                   "load_before": load_before, "load_after": _load()}  # fmt: skip
+                   "load_before": load_before, "load_after": load_averages()}  # fmt: skip
             print(json.dumps(row), flush=True)
             rows.append(row)
     if not args.no_write:
